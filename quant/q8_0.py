@@ -1,0 +1,354 @@
+"""Q8_0 as llama.cpp defines it, and the Numba kernels that multiply by it.
+
+A Q8_0 matrix W[rows, cols] is cut along each row into blocks of 32 weights. Each block keeps one
+fp16 scale d = amax/127 and 32 int8 quants q = round(x/d) (llama.cpp's quantize_row_q8_0_ref:
+q = roundf(x * (1/d)), round half away from zero). Rows whose length is not a multiple of 32 are
+zero-padded. Quants and scales live in two separate contiguous arrays:
+
+    q: int8   [rows, cols_padded]         d: uint16 [rows, cols_padded // 32]  (fp16 bit patterns)
+
+Kernels (all parallel over output rows, thread count = numba.set_num_threads):
+    matvec(W, x)   x [cols]     -> [rows]       one token: memory-bound, streams W once
+    matmul(W, X)   X [T, cols]  -> [T, rows]    a batch: small T streams W once with T accumulators,
+                                                large T dequantizes row tiles into f32 BLAS (GEMM)
+
+How the dot product is done (measured on this 2-core Zen 4, TinyLlama FFN shape 5632x2048, see
+bench/kernels.py): a flat loop over the row reading the block scale per element, acc += q[i] *
+ds[i >> 5] * x[i], vectorizes to 16-wide FMAs and streams ~18-20 GB/s on one core and ~28-33 GB/s
+on two (the memory bandwidth). The same maths as a loop over blocks with an inner 32-element
+reduction ran at 1.2 GB/s, and llama.cpp's way (activations quantized to int8, int8 x int8 dots
+per block) at 2.2 GB/s blocked / 6.9 GB/s flat: LLVM does not turn either into VNNI code. So we
+dequantize-and-FMA. The fp16 scales of a row are converted once into a small f32 buffer (Numba
+has no float16 type: an LLVM intrinsic does fpext half->float), which reads fewer bytes than
+keeping f32 scales and runs as fast.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+from threadpoolctl import threadpool_limits
+
+QK = 32  # weights per block
+
+_JIT = dict(cache=True, nogil=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# scalar bit conversions (LLVM intrinsics: exact IEEE conversions, vectorizable)
+# ---------------------------------------------------------------------------------------------
+@intrinsic
+def f16_bits_to_f32(typingctx, h):
+    """uint16 fp16 bit pattern -> float32 (exact)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def f32_to_f16_bits(typingctx, x):
+    """float32 -> fp16 (round to nearest even, as GGML_FP32_TO_FP16) -> uint16 bit pattern."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@intrinsic
+def u32_bits_to_f32(typingctx, u):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def f32_to_u32_bits(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def bf16_bits_to_f32(b):
+    return u32_bits_to_f32(np.uint32(b) << np.uint32(16))
+
+
+@njit(inline="always")
+def f32_to_bf16_bits(x):
+    """float32 -> bfloat16, round to nearest even (NaN not special-cased: never in our data)."""
+    u = f32_to_u32_bits(x)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+# ---------------------------------------------------------------------------------------------
+# the tensor
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Q8Tensor:
+    q: np.ndarray  # int8   [rows, cols_padded]
+    d: np.ndarray  # uint16 [rows, cols_padded // 32], fp16 bits
+    cols: int      # logical number of columns (cols_padded - cols zero columns were added)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q.shape[0], self.cols)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.d.nbytes
+
+    @property
+    def params(self) -> int:
+        return self.q.shape[0] * self.cols
+
+
+def padded(cols: int) -> int:
+    return (cols + QK - 1) // QK * QK
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize: f32 / f16 / bf16 rows -> Q8_0 (bit-exact with llama.cpp's quantize_row_q8_0_ref)
+# ---------------------------------------------------------------------------------------------
+SRC_F32, SRC_F16, SRC_BF16 = 0, 1, 2
+_SRC_KIND = {np.dtype(np.float32): SRC_F32, np.dtype(np.float16): SRC_F16}
+
+
+@njit(inline="always")
+def _load(src, r, c, kind):
+    if kind == SRC_F32:
+        return np.float32(src[r, c])
+    if kind == SRC_F16:
+        return f16_bits_to_f32(np.uint16(src[r, c]))
+    return bf16_bits_to_f32(np.uint16(src[r, c]))
+
+
+@njit(parallel=True, **_JIT)  # no fastmath: amax/127 and 1/d must be IEEE-exact
+def _quantize_rows(src, kind, q, d):
+    rows, cols = src.shape
+    nblk = q.shape[1] // QK
+    for r in prange(rows):
+        for b in range(nblk):
+            c0 = b * QK
+            c1 = min(c0 + QK, cols)
+            amax = np.float32(0.0)
+            for c in range(c0, c1):
+                amax = max(amax, abs(_load(src, r, c, kind)))
+            dd = amax / np.float32(127.0)
+            idd = np.float32(1.0) / dd if dd != np.float32(0.0) else np.float32(0.0)
+            d[r, b] = f32_to_f16_bits(dd)
+            for c in range(c0, c0 + QK):
+                if c < c1:
+                    v = _load(src, r, c, kind) * idd          # float32 multiply, as in C
+                    a = np.floor(np.float64(abs(v)) + 0.5)   # roundf: half away from zero (exact in f64)
+                    q[r, c] = np.int8(a if v >= 0 else -a)
+                else:
+                    q[r, c] = 0
+
+
+def quantize(w: np.ndarray, src_dtype: str | None = None) -> Q8Tensor:
+    """Quantize a 2-D array (float32, float16, or bf16 given as uint16 with src_dtype='bf16')."""
+    if w.ndim != 2:
+        raise ValueError(f"Q8_0 quantizes matrices, got shape {w.shape}")
+    if src_dtype == "bf16":
+        kind, src = SRC_BF16, w.view(np.uint16)
+    elif w.dtype == np.float16:
+        kind, src = SRC_F16, w.view(np.uint16)
+    elif w.dtype == np.float32:
+        kind, src = SRC_F32, w
+    else:
+        kind, src = SRC_F32, w.astype(np.float32)
+    rows, cols = w.shape
+    q = np.empty((rows, padded(cols)), np.int8)
+    d = np.empty((rows, padded(cols) // QK), np.uint16)
+    _quantize_rows(src, kind, q, d)
+    return Q8Tensor(q, d, cols)
+
+
+@njit(inline="always")
+def _row_scales(dr, ds):
+    # fp16 scales of one row -> f32 buffer. Reading f16 per element inside the hot loop makes LLVM
+    # gather halves one by one (4x slower); a converted row of scales vectorizes as d[i >> 5].
+    for b in range(dr.shape[0]):
+        ds[b] = f16_bits_to_f32(dr[b])
+
+
+@njit(fastmath=True, **_JIT)
+def _dequantize_rows(q, d, out):
+    # serial: runs inside one GEMM pool thread per tile
+    rows, cols = out.shape
+    for r in range(rows):
+        ds = np.empty(d.shape[1], np.float32)
+        _row_scales(d[r], ds)
+        qr = q[r]
+        orow = out[r]
+        for c in range(cols):
+            orow[c] = np.float32(qr[c]) * ds[c >> 5]
+
+
+def dequantize(w: Q8Tensor, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
+    """Q8_0 rows -> float32 [n, cols] (exact: int8 * fp16 fits f32)."""
+    q, d = w.q[rows], w.d[rows]
+    if out is None:
+        out = np.empty((q.shape[0], w.cols), np.float32)
+    _dequantize_rows(q, d, out)
+    return out
+
+
+def concat_rows(parts: list[Q8Tensor]) -> Q8Tensor:
+    """Stack Q8_0 matrices with the same column count (e.g. Wq, Wk, Wv rows -> one Wqkv)."""
+    assert len({p.cols for p in parts}) == 1
+    return Q8Tensor(np.concatenate([p.q for p in parts]), np.concatenate([p.d for p in parts]),
+                    parts[0].cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+_ROWS_PER_TASK = 16  # rows handed to a thread at once: fewer, larger tasks beat one row per task
+
+
+@njit(parallel=True, fastmath=True, **_JIT)
+def _matvec(q, d, x, out):
+    # q [R, C] int8, d [R, C/32] fp16 bits, x [C] f32 (zero-padded to C) -> out [R] f32
+    R, C = q.shape
+    nblk = d.shape[1]
+    ntask = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for t in prange(ntask):
+        ds = np.empty(nblk, np.float32)
+        for r in range(t * _ROWS_PER_TASK, min(R, (t + 1) * _ROWS_PER_TASK)):
+            _row_scales(d[r], ds)
+            qr = q[r]
+            acc = np.float32(0.0)
+            for i in range(C):
+                acc += np.float32(qr[i]) * ds[i >> 5] * x[i]
+            out[r] = acc
+
+
+@njit(parallel=True, fastmath=True, **_JIT)
+def _matmul4(q, d, X, out):
+    # X [4, C] f32 -> out [4, R]: four tokens share one pass over W (four FMAs per dequantized
+    # weight). Storing the dequantized row in a buffer instead is 3x slower: LLVM does not
+    # vectorize that store loop. Four keeps X (4 x C floats) in L1 for C up to 2048.
+    R, C = q.shape
+    nblk = d.shape[1]
+    x0, x1, x2, x3 = X[0], X[1], X[2], X[3]
+    ntask = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for t in prange(ntask):
+        ds = np.empty(nblk, np.float32)
+        for r in range(t * _ROWS_PER_TASK, min(R, (t + 1) * _ROWS_PER_TASK)):
+            _row_scales(d[r], ds)
+            qr = q[r]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for i in range(C):
+                wi = np.float32(qr[i]) * ds[i >> 5]
+                a0 += wi * x0[i]
+                a1 += wi * x1[i]
+                a2 += wi * x2[i]
+                a3 += wi * x3[i]
+            out[0, r] = a0
+            out[1, r] = a1
+            out[2, r] = a2
+            out[3, r] = a3
+
+
+_GEMM_MIN_T = 16   # from this batch size on, dequantized tiles through BLAS win (bench/kernels.py)
+_GEMM_TILE = 128   # weight rows per tile: 128 x 2048 f32 = 1 MiB, one core's L2
+
+# The prompt is compute-bound: tiles of W are dequantized to f32 and multiplied by OpenBLAS's
+# SGEMM. OpenBLAS runs single-threaded inside our own pool of `threads` Python threads (tiles
+# split between them): its own thread pool busy-waits after each call and, alternating with
+# Numba's OpenMP threads, slowed both by 3-10x on this 2-core machine.
+_threads = nb.get_num_threads()
+_pool: ThreadPoolExecutor | None = None
+threadpool_limits(1, user_api="blas")
+
+
+def set_threads(n: int) -> None:
+    """Threads for every kernel: Numba's parallel loops and the GEMM tile pool."""
+    global _threads, _pool
+    nb.set_num_threads(n)
+    if n != _threads and _pool is not None:
+        _pool.shutdown()
+        _pool = None
+    _threads = n
+
+
+def _pad_cols(X: np.ndarray, cols_padded: int) -> np.ndarray:
+    if X.shape[-1] == cols_padded:
+        return np.ascontiguousarray(X, dtype=np.float32)
+    P = np.zeros(X.shape[:-1] + (cols_padded,), np.float32)
+    P[..., : X.shape[-1]] = X
+    return P
+
+
+def _gemm(w: Q8Tensor, Xp: np.ndarray) -> np.ndarray:
+    global _pool
+    R, T = w.q.shape[0], Xp.shape[0]
+    outT = np.empty((R, T), np.float32)  # W @ X^T: each tile writes whole contiguous rows
+    XT = Xp.T
+
+    def run(r0s):
+        tile = np.empty((_GEMM_TILE, w.q.shape[1]), np.float32)
+        for r0 in r0s:
+            r1 = min(R, r0 + _GEMM_TILE)
+            _dequantize_rows(w.q[r0:r1], w.d[r0:r1], tile[: r1 - r0])
+            np.matmul(tile[: r1 - r0], XT, out=outT[r0:r1])
+
+    starts = list(range(0, R, _GEMM_TILE))
+    if _threads == 1:
+        run(starts)
+    else:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_threads, thread_name_prefix="gemm")
+        for f in [_pool.submit(run, starts[i::_threads]) for i in range(_threads)]:
+            f.result()
+    return np.ascontiguousarray(outT.T)
+
+
+def matvec(w: Q8Tensor, x: np.ndarray) -> np.ndarray:
+    """W[rows, cols] @ x[cols] -> [rows] float32."""
+    out = np.empty(w.q.shape[0], np.float32)
+    _matvec(w.q, w.d, _pad_cols(x, w.q.shape[1]), out)
+    return out
+
+
+def matmul(w, X: np.ndarray) -> np.ndarray:
+    """X[T, cols] @ W[rows, cols]^T -> [T, rows] float32. W is a Q8Tensor or a float32 array."""
+    if not isinstance(w, Q8Tensor):
+        return np.ascontiguousarray(X, dtype=np.float32) @ w.T
+    T = X.shape[0]
+    if T == 1:
+        return matvec(w, X[0])[None, :]
+    Xp = _pad_cols(X, w.q.shape[1])
+    if T >= _GEMM_MIN_T:
+        return _gemm(w, Xp)
+    R = w.q.shape[0]
+    out = np.empty((T, R), np.float32)
+    X4 = np.zeros((4, Xp.shape[1]), np.float32)
+    o4 = np.empty((4, R), np.float32)
+    for k in range(0, T, 4):  # groups of four tokens, each group one pass over W
+        n = min(4, T - k)
+        X4[:n] = Xp[k:k + n]
+        X4[n:] = 0.0
+        _matmul4(w.q, w.d, X4, o4)
+        out[k:k + n] = o4[:n]
+    return out
