@@ -1,0 +1,163 @@
+"""The LLaMA forward pass, client side: embedding, norms, residuals and the sum of slice partials.
+
+    x = embed[tokens]                                            # [T, D]
+    for each layer:
+        x += sum(node.attention(layer, rmsnorm(x) * w_attn, p0))  # one round trip to all nodes
+        x += sum(node.feed_forward(layer, rmsnorm(x) * w_ffn))    # one more
+    logits = concat(node.logits(rmsnorm(x) * w_final))           # classifier rows split too
+
+A node is anything with those three methods: in-process it is a SliceSet (client/slices.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client import kernels
+from client.checkpoint import Checkpoint
+from client.config import LlamaConfig
+from client.errors import UserError
+from client.slices import Shard, SliceSet, layer_name, load_matrix, output_name
+from client.tokenizer import Tokenizer
+from quant.q8_0 import Q8Tensor, dequantize
+
+QK = 32
+
+
+def split_counts(total: int, weights: list[float]) -> list[int]:
+    """`total` items in proportion to `weights` (largest remainder; every count >= 0)."""
+    w = np.asarray(weights, np.float64)
+    exact = total * w / w.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def _ranges(counts: list[int], unit: int = 1, end: int | None = None) -> list[tuple[int, int]]:
+    bounds = np.concatenate([[0], np.cumsum(counts)]) * unit
+    if end is not None:
+        bounds = np.minimum(bounds, end)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def plan_shards(cfg: LlamaConfig, weights: list[float]) -> list[Shard]:
+    """Split query heads, FFN units (whole Q8_0 blocks of 32) and classifier rows by weight."""
+    heads = _ranges(split_counts(cfg.n_heads, weights))
+    units = _ranges(split_counts(-(-cfg.ffn_dim // QK), weights), QK, cfg.ffn_dim)
+    rows = _ranges(split_counts(cfg.vocab_size, weights))
+    return [Shard(h, u, r) for h, u, r in zip(heads, units, rows)]
+
+
+@dataclass
+class Model:
+    cfg: LlamaConfig
+    tokenizer: Tokenizer
+    embedding: object            # [V, D] Q8Tensor or float32
+    attn_norm: list[np.ndarray]  # [D] per layer
+    ffn_norm: list[np.ndarray]
+    final_norm: np.ndarray
+    nodes: list                  # SliceSets (in-process) or remote nodes
+    fmt: str
+    kv_dtype: str
+    ctx: int
+    load_seconds: float = 0.0
+
+    @staticmethod
+    def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=(1.0,), progress=None):
+        t0 = time.perf_counter()
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise UserError(f"{model_dir}: no such model folder; give the path to a Hugging Face "
+                            "model folder (config.json, model.safetensors, tokenizer.model)")
+        cfg = LlamaConfig.load(model_dir)
+        tok = Tokenizer(model_dir)
+        if tok.vocab_size > cfg.vocab_size:
+            raise UserError(f"{model_dir / 'tokenizer.model'}: {tok.vocab_size} pieces but "
+                            f"config.json vocab_size is {cfg.vocab_size}; use the model's own tokenizer")
+        ckpt = Checkpoint(model_dir)
+        ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
+        D = cfg.dim
+        norm = lambda name: ckpt.f32(name, (D,))  # noqa: E731
+        attn_norm = [norm(layer_name(l, "input_layernorm")) for l in range(cfg.n_layers)]
+        ffn_norm = [norm(layer_name(l, "post_attention_layernorm")) for l in range(cfg.n_layers)]
+        final_norm = norm("model.norm.weight")
+        emb_name = "model.embed_tokens.weight"
+        embedding = load_matrix(ckpt, emb_name, (cfg.vocab_size, D), fmt=fmt)
+        ckpt.release(emb_name)
+        shards = plan_shards(cfg, list(weights))
+        tied = output_name(cfg, ckpt) == emb_name
+        nodes = [SliceSet.build(ckpt, cfg, sh, fmt, kv_dtype, ctx, progress=progress,
+                                classifier=embedding if tied and sh.rows == (0, cfg.vocab_size) else None)
+                 for sh in shards]
+        m = Model(cfg, tok, embedding, attn_norm, ffn_norm, final_norm, nodes, fmt, kv_dtype, ctx)
+        m.load_seconds = time.perf_counter() - t0
+        return m
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        # [T] -> [T, D]
+        idx = np.asarray(ids, np.int64)
+        if isinstance(self.embedding, Q8Tensor):
+            return dequantize(self.embedding, idx)
+        return self.embedding[idx].copy()
+
+    def forward(self, ids: list[int], p0: int, all_logits: bool = False) -> np.ndarray:
+        """Run T tokens at positions p0..p0+T-1 through the model (filling every node's KV cache)
+        and return logits [T, V] (all_logits) or [1, V] for the last token."""
+        if p0 + len(ids) > self.ctx:
+            raise UserError(f"{p0 + len(ids)} tokens exceed the context of {self.ctx}")
+        eps = self.cfg.norm_eps
+        x = self.embed(ids)                                                 # [T, D]
+        for l in range(self.cfg.n_layers):
+            xn = kernels.rmsnorm(x, self.attn_norm[l], eps)
+            for part in (n.attention(l, xn, p0) for n in self.nodes):
+                if part is not None:
+                    x += part
+            xn = kernels.rmsnorm(x, self.ffn_norm[l], eps)
+            for part in (n.feed_forward(l, xn) for n in self.nodes):
+                if part is not None:
+                    x += part
+        xn = kernels.rmsnorm(x if all_logits else x[-1:], self.final_norm, eps)
+        parts = [n.logits(xn) for n in self.nodes]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def memory_table(self) -> list[tuple[str, str, int, int]]:
+        """(layer type, quant, bytes, params) per kind of weight, then the KV cache."""
+        groups: dict[str, list] = {}
+
+        def add(kind, w):
+            if w is None:
+                return
+            if isinstance(w, Q8Tensor):
+                b, p, q = w.nbytes, w.params, "q8_0"
+            else:
+                b, p, q = w.nbytes, w.size, "f32"
+            g = groups.setdefault(kind, [q, 0, 0])
+            g[1] += b
+            g[2] += p
+
+        add("embedding", self.embedding)
+        seen = {id(self.embedding)}
+        kv = 0
+        for n in self.nodes:
+            if not isinstance(n, SliceSet):
+                continue
+            for a in n.attn:
+                if a is not None:
+                    add("attention qkv", a.wqkv)
+                    add("attention out", a.wo)
+                    kv += a.cache_k.nbytes + a.cache_v.nbytes
+            for f in n.ffn:
+                if f is not None:
+                    add("ffn gate+up", f.wgu)
+                    add("ffn down", f.wdown)
+            if id(n.classifier) not in seen:
+                add("classifier", n.classifier)
+        for w in self.attn_norm + self.ffn_norm + [self.final_norm]:
+            add("norms", w)
+        rows = [(k, q, b, p) for k, (q, b, p) in groups.items()]
+        rows.append((f"kv cache ({self.ctx} pos)", self.kv_dtype, kv, 0))
+        return rows

@@ -1,0 +1,163 @@
+"""A layer cut into slices, and the one implementation that runs them (in-process or in a worker).
+
+    attention slice = a set of query heads S, with the key/value heads they read and their cache:
+        qkv     = xn @ [Wq[S rows]; Wk[kv rows]; Wv[kv rows]]^T      one matmul
+        o       = attention(RoPE(q), RoPE(k) -> cache, v -> cache)
+        partial = o @ Wo[:, cols of S]^T                              a D-vector per token
+    FFN slice = a set of hidden units U (a multiple of 32, except at the end of F):
+        partial = (silu(xn @ Wgate[U]^T) * (xn @ Wup[U]^T)) @ Wdown[:, U]^T
+    classifier slice = rows [r0, r1) of the output matrix: logits[:, r0:r1] = xn @ W[r0:r1]^T
+
+The full block output is the sum of the partials over the slices (see ../shared/DESIGN.md).
+A Shard names what one node holds; `SliceSet` builds and runs that node's slices for all layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from client import kernels
+from client.checkpoint import Checkpoint
+from client.config import LlamaConfig, rope_tables
+from quant.q8_0 import Q8Tensor, concat_rows, matmul, quantize
+
+KV_DTYPES = {"bf16": np.uint16, "f32": np.float32}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What one node computes: query heads [h0, h1), FFN units [u0, u1), classifier rows [r0, r1)."""
+    heads: tuple[int, int]
+    units: tuple[int, int]
+    rows: tuple[int, int]
+
+
+def layer_name(layer: int, what: str) -> str:
+    return f"model.layers.{layer}.{what}.weight"
+
+
+def output_name(cfg: LlamaConfig, ckpt: Checkpoint) -> str:
+    if cfg.tie_embeddings or "lm_head.weight" not in ckpt:
+        return "model.embed_tokens.weight"
+    return "lm_head.weight"
+
+
+def load_matrix(ckpt: Checkpoint, name: str, shape, rows=None, cols=None, fmt="q8_0"):
+    """Rows/columns of a checkpoint matrix as Q8_0 (quantized from the mapped f32/f16/bf16
+    values, column slices padded to whole blocks) or as float32."""
+    raw, kind = ckpt.raw(name, shape)
+    view = raw[slice(*rows) if rows else slice(None), slice(*cols) if cols else slice(None)]
+    if fmt == "q8_0":
+        return quantize(view, kind)
+    if kind == "bf16":
+        return (view.astype(np.uint32) << 16).view(np.float32)
+    return np.ascontiguousarray(view, dtype=np.float32)
+
+
+def _stack(parts):
+    return concat_rows(parts) if isinstance(parts[0], Q8Tensor) else np.concatenate(parts)
+
+
+@dataclass
+class AttentionSlice:
+    heads: tuple[int, int]       # query heads [h0, h1)
+    kv_heads: tuple[int, int]    # key/value heads [k0, k1) that those read
+    wqkv: object                 # [(nq + 2 nkv) d, D]
+    wo: object                   # [D, nq d]
+    kv_of_q: np.ndarray          # [nq] local kv index of each query head
+    cache_k: np.ndarray          # [nkv, ctx, d]
+    cache_v: np.ndarray
+
+    def forward(self, xn: np.ndarray, p0: int, rope) -> np.ndarray:
+        # xn [T, D] -> partial [T, D]
+        nq = self.heads[1] - self.heads[0]
+        qkv = matmul(self.wqkv, xn)                                        # [T, (nq+2nkv) d]
+        o = kernels.attention(qkv, p0, rope[0], rope[1], self.cache_k, self.cache_v,
+                              self.kv_of_q, nq)                            # [T, nq d]
+        return matmul(self.wo, o)                                          # [T, D]
+
+
+@dataclass
+class FFNSlice:
+    units: tuple[int, int]       # hidden units [u0, u1)
+    wgu: object                  # [2 |U|, D]: gate rows then up rows
+    wdown: object                # [D, |U|]
+
+    def forward(self, xn: np.ndarray) -> np.ndarray:
+        # xn [T, D] -> partial [T, D]
+        h = kernels.swiglu(matmul(self.wgu, xn), self.units[1] - self.units[0])   # [T, |U|]
+        return matmul(self.wdown, h)
+
+
+def _attention_slice(ckpt, cfg, l, heads, fmt, kv_dtype, ctx) -> AttentionSlice:
+    D, d, g = cfg.dim, cfg.head_dim, cfg.group
+    h0, h1 = heads
+    k0, k1 = h0 // g, (h1 - 1) // g + 1  # the kv heads these query heads read
+    q, k, v, o = (layer_name(l, f"self_attn.{x}_proj") for x in "qkvo")
+    wqkv = _stack([load_matrix(ckpt, q, (cfg.n_heads * d, D), (h0 * d, h1 * d), fmt=fmt),
+                   load_matrix(ckpt, k, (cfg.n_kv_heads * d, D), (k0 * d, k1 * d), fmt=fmt),
+                   load_matrix(ckpt, v, (cfg.n_kv_heads * d, D), (k0 * d, k1 * d), fmt=fmt)])
+    wo = load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h0 * d, h1 * d), fmt=fmt)
+    kv_of_q = np.array([h // g - k0 for h in range(h0, h1)], np.int64)
+    cache_k, cache_v = (np.zeros((k1 - k0, ctx, d), KV_DTYPES[kv_dtype]) for _ in range(2))
+    return AttentionSlice(heads, (k0, k1), wqkv, wo, kv_of_q, cache_k, cache_v)
+
+
+@dataclass
+class SliceSet:
+    """One node's slices of every layer and of the classifier."""
+    shard: Shard
+    attn: list[AttentionSlice] = field(default_factory=list)
+    ffn: list[FFNSlice] = field(default_factory=list)
+    classifier: object = None    # [r1 - r0, D]
+    rope: tuple = ()
+
+    def attention(self, layer: int, xn: np.ndarray, p0: int) -> np.ndarray | None:
+        a = self.attn[layer]
+        return None if a is None else a.forward(xn, p0, self.rope)
+
+    def feed_forward(self, layer: int, xn: np.ndarray) -> np.ndarray | None:
+        f = self.ffn[layer]
+        return None if f is None else f.forward(xn)
+
+    def logits(self, xn: np.ndarray) -> np.ndarray:
+        return matmul(self.classifier, xn)                                 # [T, r1 - r0]
+
+    @staticmethod
+    def build(ckpt: Checkpoint, cfg: LlamaConfig, shard: Shard, fmt="q8_0", kv_dtype="bf16",
+              ctx: int | None = None, classifier=None, progress=None) -> "SliceSet":
+        """Quantize (or copy) this shard's rows and columns out of the mapped checkpoint, layer by
+        layer, dropping each tensor's pages once read. `classifier` reuses an already loaded
+        output matrix (tied embeddings)."""
+        D, F = cfg.dim, cfg.ffn_dim
+        ctx = ctx or cfg.max_seq_len
+        h0, h1 = shard.heads
+        u0, u1 = shard.units
+        s = SliceSet(shard, rope=rope_tables(cfg))
+        for l in range(cfg.n_layers):
+            n = lambda what: layer_name(l, what)  # noqa: E731
+            if h1 == h0:  # a node may hold FFN units and no heads
+                s.attn.append(None)
+            else:
+                s.attn.append(_attention_slice(ckpt, cfg, l, (h0, h1), fmt, kv_dtype, ctx))
+            if u1 > u0:
+                wgu = _stack([load_matrix(ckpt, n("mlp.gate_proj"), (F, D), (u0, u1), fmt=fmt),
+                              load_matrix(ckpt, n("mlp.up_proj"), (F, D), (u0, u1), fmt=fmt)])
+                wdown = load_matrix(ckpt, n("mlp.down_proj"), (D, F), cols=(u0, u1), fmt=fmt)
+                s.ffn.append(FFNSlice((u0, u1), wgu, wdown))
+            else:
+                s.ffn.append(None)
+            for what in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+                ckpt.release(n(what))
+            if progress:
+                progress(l + 1)
+        r0, r1 = shard.rows
+        if classifier is not None:
+            s.classifier = classifier
+        else:
+            name = output_name(cfg, ckpt)
+            s.classifier = load_matrix(ckpt, name, (cfg.vocab_size, D), (r0, r1), fmt=fmt)
+            ckpt.release(name)
+        return s
