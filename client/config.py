@@ -34,6 +34,9 @@ class LlamaConfig:
 
     @staticmethod
     def load(model_dir: Path) -> "LlamaConfig":
+        if not Path(model_dir).is_dir():
+            raise UserError(f"{model_dir}: no such model folder; give the path to a Hugging Face "
+                            "model folder (config.json, model.safetensors, tokenizer.model)")
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise UserError(f"{path}: no config.json; MODEL_DIR must be a Hugging Face model "

@@ -70,9 +70,6 @@ class Model:
     def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=(1.0,), progress=None):
         t0 = time.perf_counter()
         model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise UserError(f"{model_dir}: no such model folder; give the path to a Hugging Face "
-                            "model folder (config.json, model.safetensors, tokenizer.model)")
         cfg = LlamaConfig.load(model_dir)
         tok = Tokenizer(model_dir)
         if tok.vocab_size > cfg.vocab_size:

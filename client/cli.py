@@ -1,0 +1,193 @@
+"""bin/client: generate text or score perplexity with a LLaMA model.
+
+    bin/client generate MODEL_DIR -i PROMPT -n N      (or the shorthand: bin/client MODEL_DIR ...)
+    bin/client perplexity MODEL_DIR TEXT_FILE
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from client.errors import UserError
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+class _DefaultGenerate(click.Group):
+    """`bin/client MODEL_DIR ...` means `bin/client generate MODEL_DIR ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["generate"] + list(args)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultGenerate, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """tensorlan: LLaMA-family inference on the CPU, cut into tensor-parallel slices.
+
+    MODEL_DIR is a Hugging Face model folder: config.json, model.safetensors (or sharded with
+    model.safetensors.index.json; f32, f16 or bf16) and tokenizer.model. `bin/client MODEL_DIR
+    -i PROMPT` is short for `bin/client generate MODEL_DIR -i PROMPT`."""
+
+
+def _model_options(f):
+    f = click.option("--weights", type=click.Choice(["q8_0", "f32"]), default="q8_0",
+                     show_default=True, help="q8_0: llama.cpp's 8-bit blocks; f32: the "
+                     "checkpoint's values in float32 (the accuracy baseline, 4x the memory).")(f)
+    f = click.option("--kv-dtype", type=click.Choice(["bf16", "f32"]), default="bf16",
+                     show_default=True, help="Storage type of the key/value cache.")(f)
+    f = click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Compute threads (default: all cores).")(f)
+    f = click.option("--ctx", type=click.IntRange(min=2), default=None,
+                     help="Context length to allocate the KV cache for (default: the model's).")(f)
+    return f
+
+
+def _load(model_dir, weights, kv_dtype, threads, ctx, quiet=False):
+    from client.model import Model
+    from client.progress import Progress
+    from quant.q8_0 import max_threads, set_threads
+
+    if threads:
+        if threads > max_threads():
+            raise UserError(f"--threads {threads}: at most {max_threads()} here; set "
+                            f"NUMBA_NUM_THREADS={threads} in the environment to allow more")
+        set_threads(threads)
+    bar = None
+
+    def progress(done):
+        nonlocal bar
+        if bar is None:
+            from client.config import LlamaConfig
+            bar = Progress(LlamaConfig.load(Path(model_dir)).n_layers, "loading", " layers")
+        bar.update(done)
+
+    model = Model.load(model_dir, fmt=weights, kv_dtype=kv_dtype, ctx=ctx,
+                       progress=None if quiet else progress)
+    if bar:
+        bar.close()
+    return model
+
+
+def _check_prompt(model_dir: Path, prompt: str, ctx: int | None) -> None:
+    from client.config import LlamaConfig
+    from client.tokenizer import Tokenizer
+
+    limit = min(ctx or 1 << 62, LlamaConfig.load(model_dir).max_seq_len)
+    n = len(Tokenizer(model_dir).encode(prompt))
+    if n >= limit:
+        raise UserError(f"the prompt is {n} tokens; the context is {limit}: shorten the prompt"
+                        + (" (or raise --ctx up to the model's maximum)" if ctx else ""))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def _print_memory(model) -> None:
+    rows = model.memory_table()
+    out = [f"{'layer type':<22} {'quant':<6} {'memory':>11} {'params':>14} {'bytes/param':>11}"]
+    for kind, q, b, p in rows:
+        bpp = f"{b / p:.3f}" if p else "-"
+        out.append(f"{kind:<22} {q:<6} {_human(b):>11} {p:>14,} {bpp:>11}")
+    tb, tp = sum(r[2] for r in rows), sum(r[3] for r in rows)
+    out.append(f"{'total':<22} {'':<6} {_human(tb):>11} {tp:>14,}")
+    click.echo("\n".join(out), err=True)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-i", "--prompt", default="", help="The prompt (BOS is added as Hugging Face does).")
+@click.option("-n", "n_tokens", type=int, default=64, show_default=True,
+              help="Number of tokens to generate (stops early at EOS or the context end).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 = greedy (argmax); higher = more random.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              show_default=True, help="Nucleus sampling: keep the most likely tokens up to this mass.")
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (ids, text, speeds) on stdout instead of streaming.")
+@_model_options
+def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, weights, kv_dtype,
+             threads, ctx):
+    """Generate text after PROMPT, streaming it (prompt included) to stdout.
+
+    Speed and memory go to stderr: load time, a memory-by-layer-type table, prompt tok/s,
+    generation tok/s and ms/token."""
+    try:
+        from client.generate import generate as run
+        from client.tokenizer import StreamDecoder
+
+        if n_tokens < 1:
+            raise UserError(f"-n {n_tokens}: the number of tokens to generate must be at least 1")
+        _check_prompt(model_dir, prompt, ctx)  # before the (long) load
+        model = _load(model_dir, weights, kv_dtype, threads, ctx)
+        click.echo(f"loaded {model_dir} in {model.load_seconds:.2f} s", err=True)
+        _print_memory(model)
+        ids = model.tokenizer.encode(prompt)
+        stream = None if as_json else StreamDecoder(model.tokenizer, ids)
+        if stream:
+            sys.stdout.write(model.tokenizer.decode(ids))
+            stream.shown = model.tokenizer.decode(ids)
+            sys.stdout.flush()
+
+        def on_token(tok):
+            if stream:
+                sys.stdout.write(stream.push([tok]))
+                sys.stdout.flush()
+
+        res = run(model, ids, n_tokens, temperature, top_p, seed, on_token)
+        if stream:
+            sys.stdout.write(stream.flush() + "\n")
+        ms = 1000 / res.gen_tok_s if res.gen_tok_s else 0.0
+        click.echo(f"prompt: {len(ids)} tokens, {res.prompt_tok_s:.2f} tok/s | generation: "
+                   f"{len(res.new_ids)} tokens, {res.gen_tok_s:.2f} tok/s, {ms:.2f} ms/token",
+                   err=True)
+        if as_json:
+            click.echo(json.dumps({
+                "prompt_ids": ids, "new_ids": res.new_ids,
+                "text": model.tokenizer.decode(ids + res.new_ids),
+                "prompt_tok_s": res.prompt_tok_s, "gen_tok_s": res.gen_tok_s,
+                "ms_per_token": ms, "load_seconds": model.load_seconds}))
+    except UserError as e:
+        _fail(str(e))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("text_file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print {perplexity, n_tokens} as JSON.")
+@_model_options
+def perplexity(model_dir, text_file, as_json, weights, kv_dtype, threads, ctx):
+    """Perplexity of BOS + TEXT_FILE's tokens (every token after BOS, one pass up to the
+    context length)."""
+    try:
+        from client.generate import perplexity as ppl
+
+        try:
+            text = text_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{text_file}: cannot read it as UTF-8 text ({e})")
+        model = _load(model_dir, weights, kv_dtype, threads, ctx, quiet=as_json)
+        ids = model.tokenizer.encode(text, bos=True)
+        value, n = ppl(model, ids)
+        if as_json:
+            click.echo(json.dumps({"perplexity": value, "n_tokens": n}))
+        else:
+            click.echo(f"perplexity {value:.4f} over {n} tokens ({weights} weights)")
+    except UserError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The whole model against the independent float64 reference, on the real stories260K model."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import STORIES, ROOT
+from reference import config_inv_freq, q8_0_roundtrip_ref, reference_logits, reference_perplexity
+from client.config import LlamaConfig, rope_inv_freq
+from client.generate import generate, perplexity, sample
+from client.model import Model, plan_shards, split_counts
+
+TEXT = (ROOT / "tests" / "data" / "story.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def f32():
+    return Model.load(STORIES, fmt="f32", kv_dtype="f32")
+
+
+@pytest.fixture(scope="module")
+def q8():
+    return Model.load(STORIES, fmt="q8_0", kv_dtype="f32")
+
+
+@pytest.fixture(scope="module")
+def story_ids(f32):
+    return f32.tokenizer.encode(TEXT)[:300]
+
+
+def test_f32_logits_match_float64_reference_batch_and_incremental(f32, story_ids):
+    ids = story_ids[:120]
+    ref = reference_logits(STORIES, ids)
+    batch = f32.forward(ids, 0, all_logits=True)
+    assert np.abs(batch - ref).max() <= 1e-4
+    # the KV-cache path: a 50-token prompt as one batch, then one token per pass
+    rows = [f32.forward(ids[:50], 0, all_logits=True)]
+    rows += [f32.forward([t], p) for p, t in enumerate(ids[50:], start=50)]
+    step = np.concatenate(rows)
+    assert np.abs(step - ref).max() <= 1e-4
+
+
+def test_q8_0_logits_match_reference_of_quantized_weights(q8, story_ids):
+    # the same maths with Q8_0 round-tripped weights in float64: differences only from f32 sums
+    ids = story_ids[:64]
+    ref = reference_logits(STORIES, ids, weight_transform=q8_0_roundtrip_ref)
+    from reference import load_hf_llama_f64
+    cfg, w = load_hf_llama_f64(STORIES)
+    # our embedding lookup is Q8_0 as well (llama.cpp quantizes token_embd too)
+    w["model.embed_tokens.weight"] = q8_0_roundtrip_ref(w["model.embed_tokens.weight"])
+    ref = reference_logits((cfg, w), ids, weight_transform=q8_0_roundtrip_ref)
+    got = q8.forward(ids, 0, all_logits=True)
+    assert np.abs(got - ref).max() <= 2e-4
+
+
+def test_q8_0_teacher_forced_top1_agreement_with_f32(f32, q8, story_ids):
+    a = f32.forward(story_ids, 0, all_logits=True).argmax(axis=1)
+    b = q8.forward(story_ids, 0, all_logits=True).argmax(axis=1)
+    assert (a == b).mean() >= 0.97
+
+
+def test_q8_0_perplexity_within_one_percent_of_f32(f32, q8, story_ids):
+    p32, n = perplexity(f32, story_ids)
+    p8, _ = perplexity(q8, story_ids)
+    assert n == len(story_ids) - 1
+    assert abs(p8 / p32 - 1) <= 0.01
+    assert abs(p32 / reference_perplexity(STORIES, story_ids) - 1) < 1e-5
+    assert p32 < 20  # a trained model on a story of its kind; shuffled text scores far worse
+    shuffled = list(np.random.default_rng(0).permutation(story_ids))
+    assert perplexity(f32, shuffled)[0] > 5 * p32
+
+
+def test_greedy_text_of_the_models_readme():
+    expect = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+              "park. One day, she saw a big, red ball.")
+    for fmt in ("f32", "q8_0"):
+        for kv in ("bf16", "f32"):
+            m = Model.load(STORIES, fmt=fmt, kv_dtype=kv)
+            ids = m.tokenizer.encode("Once upon a time")
+            r = generate(m, ids, 40)
+            assert m.tokenizer.decode(ids + r.new_ids) == expect, (fmt, kv)
+
+
+@pytest.mark.parametrize("weights", [[1, 1], [1, 1, 1], [3, 1, 1, 2, 1], [1] * 9])
+def test_sliced_plans_equal_the_one_slice_plan(weights, story_ids):
+    one = Model.load(STORIES, fmt="f32", kv_dtype="f32")
+    many = Model.load(STORIES, fmt="f32", kv_dtype="f32", weights=weights)
+    assert len(many.nodes) == len(weights)
+    ids = story_ids[:40]
+    assert np.abs(one.forward(ids, 0, all_logits=True) - many.forward(ids, 0, all_logits=True)).max() < 1e-4
+    a = generate(one, ids[:5], 20).new_ids
+    b = generate(many, ids[:5], 20).new_ids
+    assert a == b
+
+
+def test_plan_covers_everything_in_proportion():
+    cfg = LlamaConfig.load(STORIES)
+    shards = plan_shards(cfg, [2, 1, 1])
+    assert shards[0].heads == (0, 4) and shards[-1].heads[1] == cfg.n_heads
+    # 172 units = 6 blocks of 32 (the last one short): 3, 1.5, 1.5 -> 3, 2, 1 blocks
+    assert [s.units for s in shards] == [(0, 96), (96, 160), (160, 172)]
+    assert shards[-1].rows[1] == cfg.vocab_size
+    assert split_counts(10, [1, 1, 1]) == [4, 3, 3]
+    assert sum(split_counts(176, [0.5, 0.125, 0.125, 0.125])) == 176
+
+
+def test_sampling_temperature_top_p_seed():
+    logits = np.array([2.0, 1.0, 0.5, -1.0, -3.0], np.float32)
+    rng = lambda: np.random.default_rng(7)  # noqa: E731
+    assert sample(logits, 0, 1, rng()) == 0
+    a = [sample(logits, 1.0, 1.0, r) for r in [rng()] for _ in range(50)]
+    b = [sample(logits, 1.0, 1.0, r) for r in [rng()] for _ in range(50)]
+    assert a == b and len(set(a)) > 2
+    # top_p small enough keeps only the most likely token
+    r = rng()
+    assert {sample(logits, 1.0, 0.3, r) for _ in range(50)} == {0}
+    # frequencies follow softmax(logits / T)
+    r = np.random.default_rng(1)
+    draws = np.bincount([sample(logits, 2.0, 1.0, r) for _ in range(4000)], minlength=5) / 4000
+    p = np.exp(logits / 2.0) / np.exp(logits / 2.0).sum()
+    assert np.abs(draws - p).max() < 0.03
+
+
+def test_llama3_rope_scaling_matches_reference():
+    c = json.loads((ROOT.parent / "shared/models/shapes/llama3-8b.json").read_text())
+    c["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    ours = rope_inv_freq(LlamaConfig.from_dict(c))
+    assert np.allclose(ours, config_inv_freq(c), rtol=1e-12, atol=0)
+    assert not np.allclose(ours, config_inv_freq({**c, "rope_scaling": None}))
+
+
+def test_sharded_bf16_and_f16_checkpoints(tmp_path, story_ids):
+    """The same model written as sharded bf16 and single-file f16 loads to the reference logits
+    of those rounded weights."""
+    from bench.make_model import write_safetensors  # the project's one safetensors writer
+    from reference import load_hf_llama_f64
+    cfg, w = load_hf_llama_f64(STORIES)
+    ids = story_ids[:30]
+    for dtype in ("bf16", "f16"):
+        d = tmp_path / dtype
+        d.mkdir()
+        for f in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+            shutil.copy(STORIES / f, d / f)
+        tensors = {k: v.astype(np.float32) for k, v in w.items()}
+        write_safetensors(d, tensors, dtype=dtype, shard_bytes=300_000 if dtype == "bf16" else None)
+        assert (d / "model.safetensors.index.json").is_file() == (dtype == "bf16")
+        m = Model.load(d, fmt="f32", kv_dtype="f32")
+        ref = reference_logits(d, ids)
+        assert np.abs(m.forward(ids, 0, all_logits=True) - ref).max() <= 1e-4

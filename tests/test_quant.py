@@ -1,0 +1,115 @@
+"""Q8_0 quantizer and kernels against the independent float64 reference (tests/reference.py)."""
+import numpy as np
+import pytest
+
+from reference import bf16_round_ref, q8_0_dequantize_ref, q8_0_quantize_ref
+from quant import q8_0 as Q
+
+rng = np.random.default_rng(1234)
+
+
+def _hard_rows(rows, cols):
+    """Random data plus the cases that break quantizers: zero blocks, negative amax, ties."""
+    x = (rng.standard_normal((rows, cols)) * rng.choice([1e-3, 0.02, 1, 300], (rows, 1))).astype(np.float32)
+    x[0, : min(cols, 40)] = 0.0
+    if rows > 1 and cols >= 32:
+        x[1, :32] = np.arange(32) - 30.0     # amax at a negative value, exact .5 ties after scaling
+        x[1, 5] = -127.0
+    if rows > 2 and cols >= 32:
+        x[2, :32] = (np.arange(32) - 16) * 0.5
+    return x
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 32), (7, 40), (33, 172), (5, 64), (3, 1), (17, 2048)])
+def test_quantize_bit_exact_with_llama_cpp_reference(rows, cols):
+    x = _hard_rows(rows, cols)
+    qr, dr = q8_0_quantize_ref(x)
+    w = Q.quantize(x)
+    assert w.q.shape == qr.shape and w.d.shape == dr.shape and w.cols == cols
+    assert np.array_equal(w.q, qr)
+    assert np.array_equal(w.d, dr.view(np.uint16))
+    assert (w.q[:, cols:] == 0).all()   # zero padding
+
+
+def test_quantize_from_f16_and_bf16_sources():
+    x = _hard_rows(9, 100)
+    x16 = x.astype(np.float16)
+    w = Q.quantize(x16)
+    qr, dr = q8_0_quantize_ref(x16.astype(np.float32))
+    assert np.array_equal(w.q, qr) and np.array_equal(w.d, dr.view(np.uint16))
+    xb = bf16_round_ref(x).astype(np.float32)
+    bits = (xb.view(np.uint32) >> 16).astype(np.uint16)
+    w = Q.quantize(bits, "bf16")
+    qr, dr = q8_0_quantize_ref(xb)
+    assert np.array_equal(w.q, qr) and np.array_equal(w.d, dr.view(np.uint16))
+
+
+def test_quantize_strided_column_slice_equals_quantized_copy():
+    x = _hard_rows(6, 200)
+    a = Q.quantize(x[:, 64:136])          # a column slice straight from a bigger matrix
+    b = Q.quantize(np.ascontiguousarray(x[:, 64:136]))
+    assert np.array_equal(a.q, b.q) and np.array_equal(a.d, b.d)
+
+
+def test_round_trip_error_bound():
+    x = _hard_rows(64, 96)
+    w = Q.quantize(x)
+    deq = Q.dequantize(w).astype(np.float64)
+    assert np.array_equal(deq, q8_0_dequantize_ref(w.q, w.d.view(np.float16), 96))
+    blocks = np.abs(x.astype(np.float64)).reshape(64, 3, 32)
+    d32 = blocks.max(axis=2) / 127                              # exact scale
+    d16 = w.d.view(np.float16).astype(np.float64)              # stored scale
+    bound = np.repeat(d32 / 2 + 127 * np.abs(d32 - d16), 32, axis=1)
+    assert (np.abs(deq - x) <= bound * (1 + 1e-6) + 1e-30).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,cols", [(1, 32), (5, 40), (33, 172), (130, 96), (257, 64)])
+def test_matmul_against_float64_reference(threads, rows, cols):
+    Q.set_threads(threads)
+    try:
+        x = _hard_rows(rows, cols)
+        w = Q.quantize(x)
+        W = q8_0_dequantize_ref(*q8_0_quantize_ref(x), cols)             # float64 [rows, cols]
+        for T in range(1, 18):
+            X = rng.standard_normal((T, cols)).astype(np.float32)
+            ref = X.astype(np.float64) @ W.T
+            got = Q.matmul(w, X)
+            assert got.shape == (T, rows) and got.dtype == np.float32
+            scale = np.abs(X).astype(np.float64) @ np.abs(W).T + 1e-30    # error scales with |x||w|
+            assert (np.abs(got - ref) / scale).max() < 2e-6, (T, threads)
+    finally:
+        Q.set_threads(2)
+
+
+def test_gemm_path_large_batch():
+    x = rng.standard_normal((300, 172)).astype(np.float32)
+    w = Q.quantize(x)
+    W = q8_0_dequantize_ref(*q8_0_quantize_ref(x), 172)
+    for T in (16, 64, 130):
+        X = rng.standard_normal((T, 172)).astype(np.float32)
+        got = Q.matmul(w, X)
+        ref = X.astype(np.float64) @ W.T
+        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_bf16_conversion_kernels_round_to_nearest_even():
+    from numba import njit
+
+    @njit
+    def to_bf16(a):
+        out = np.empty(a.shape[0], np.uint16)
+        for i in range(a.shape[0]):
+            out[i] = Q.f32_to_bf16_bits(a[i])
+        return out
+
+    @njit
+    def from_bf16(b):
+        out = np.empty(b.shape[0], np.float32)
+        for i in range(b.shape[0]):
+            out[i] = Q.bf16_bits_to_f32(b[i])
+        return out
+
+    a = np.concatenate([rng.standard_normal(5000).astype(np.float32),
+                        np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -1 - 2 ** -8, 1e-40], np.float32)])
+    assert np.array_equal(from_bf16(to_bf16(a)), bf16_round_ref(a).astype(np.float32))
