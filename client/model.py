@@ -84,7 +84,6 @@ class Model:
         final_norm = norm("model.norm.weight")
         emb_name = "model.embed_tokens.weight"
         embedding = load_matrix(ckpt, emb_name, (cfg.vocab_size, D), fmt=fmt)
-        ckpt.release(emb_name)
         shards = plan_shards(cfg, list(weights))
         tied = output_name(cfg, ckpt) == emb_name
         nodes = [SliceSet.build(ckpt, cfg, sh, fmt, kv_dtype, ctx, progress=progress,

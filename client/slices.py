@@ -20,7 +20,8 @@ import numpy as np
 from client import kernels
 from client.checkpoint import Checkpoint
 from client.config import LlamaConfig, rope_tables
-from quant.q8_0 import Q8Tensor, concat_rows, matmul, quantize
+from quant import q8_0 as q8
+from quant.q8_0 import matmul, quantize
 
 KV_DTYPES = {"bf16": np.uint16, "f32": np.float32}
 
@@ -43,20 +44,36 @@ def output_name(cfg: LlamaConfig, ckpt: Checkpoint) -> str:
     return "lm_head.weight"
 
 
+def _rows_cols(ckpt, name, shape, rows, cols):
+    raw, kind = ckpt.raw(name, shape)
+    return raw[slice(*rows) if rows else slice(None), slice(*cols) if cols else slice(None)], kind
+
+
 def load_matrix(ckpt: Checkpoint, name: str, shape, rows=None, cols=None, fmt="q8_0"):
     """Rows/columns of a checkpoint matrix as Q8_0 (quantized from the mapped f32/f16/bf16
     values, column slices padded to whole blocks) or as float32."""
-    raw, kind = ckpt.raw(name, shape)
-    view = raw[slice(*rows) if rows else slice(None), slice(*cols) if cols else slice(None)]
-    if fmt == "q8_0":
-        return quantize(view, kind)
-    if kind == "bf16":
-        return (view.astype(np.uint32) << 16).view(np.float32)
-    return np.ascontiguousarray(view, dtype=np.float32)
+    return load_stacked(ckpt, [(name, shape, rows)], cols, fmt)
 
 
-def _stack(parts):
-    return concat_rows(parts) if isinstance(parts[0], Q8Tensor) else np.concatenate(parts)
+def load_stacked(ckpt: Checkpoint, parts, cols=None, fmt="q8_0"):
+    """Row ranges of several checkpoint matrices stacked into one matrix, written in place (no
+    concatenation copy): parts = [(name, shape, (r0, r1) or None)]. Each tensor's mapped pages
+    are dropped once read, so loading holds little more than the result."""
+    views = [_rows_cols(ckpt, n, s, r, cols) for n, s, r in parts]
+    rows = sum(v.shape[0] for v, _ in views)
+    ncols = views[0][0].shape[1]
+    out = q8.empty(rows, ncols) if fmt == "q8_0" else np.empty((rows, ncols), np.float32)
+    r = 0
+    for (v, kind), (name, _, _) in zip(views, parts):
+        if fmt == "q8_0":
+            quantize(v, kind, out=q8.row_range(out, r, r + v.shape[0]))
+        elif kind == "bf16":
+            out[r:r + v.shape[0]] = (v.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out[r:r + v.shape[0]] = v
+        r += v.shape[0]
+        ckpt.release(name)
+    return out
 
 
 @dataclass
@@ -95,9 +112,9 @@ def _attention_slice(ckpt, cfg, l, heads, fmt, kv_dtype, ctx) -> AttentionSlice:
     h0, h1 = heads
     k0, k1 = h0 // g, (h1 - 1) // g + 1  # the kv heads these query heads read
     q, k, v, o = (layer_name(l, f"self_attn.{x}_proj") for x in "qkvo")
-    wqkv = _stack([load_matrix(ckpt, q, (cfg.n_heads * d, D), (h0 * d, h1 * d), fmt=fmt),
-                   load_matrix(ckpt, k, (cfg.n_kv_heads * d, D), (k0 * d, k1 * d), fmt=fmt),
-                   load_matrix(ckpt, v, (cfg.n_kv_heads * d, D), (k0 * d, k1 * d), fmt=fmt)])
+    wqkv = load_stacked(ckpt, [(q, (cfg.n_heads * d, D), (h0 * d, h1 * d)),
+                               (k, (cfg.n_kv_heads * d, D), (k0 * d, k1 * d)),
+                               (v, (cfg.n_kv_heads * d, D), (k0 * d, k1 * d))], fmt=fmt)
     wo = load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h0 * d, h1 * d), fmt=fmt)
     kv_of_q = np.array([h // g - k0 for h in range(h0, h1)], np.int64)
     cache_k, cache_v = (np.zeros((k1 - k0, ctx, d), KV_DTYPES[kv_dtype]) for _ in range(2))
@@ -142,15 +159,12 @@ class SliceSet:
             else:
                 s.attn.append(_attention_slice(ckpt, cfg, l, (h0, h1), fmt, kv_dtype, ctx))
             if u1 > u0:
-                wgu = _stack([load_matrix(ckpt, n("mlp.gate_proj"), (F, D), (u0, u1), fmt=fmt),
-                              load_matrix(ckpt, n("mlp.up_proj"), (F, D), (u0, u1), fmt=fmt)])
+                wgu = load_stacked(ckpt, [(n("mlp.gate_proj"), (F, D), (u0, u1)),
+                                          (n("mlp.up_proj"), (F, D), (u0, u1))], fmt=fmt)
                 wdown = load_matrix(ckpt, n("mlp.down_proj"), (D, F), cols=(u0, u1), fmt=fmt)
                 s.ffn.append(FFNSlice((u0, u1), wgu, wdown))
             else:
                 s.ffn.append(None)
-            for what in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-                ckpt.release(n(what))
             if progress:
                 progress(l + 1)
         r0, r1 = shard.rows
@@ -159,5 +173,4 @@ class SliceSet:
         else:
             name = output_name(cfg, ckpt)
             s.classifier = load_matrix(ckpt, name, (cfg.vocab_size, D), (r0, r1), fmt=fmt)
-            ckpt.release(name)
         return s

@@ -161,8 +161,9 @@ def _quantize_rows(src, kind, q, d):
                     q[r, c] = 0
 
 
-def quantize(w: np.ndarray, src_dtype: str | None = None) -> Q8Tensor:
-    """Quantize a 2-D array (float32, float16, or bf16 given as uint16 with src_dtype='bf16')."""
+def quantize(w: np.ndarray, src_dtype: str | None = None, out: Q8Tensor | None = None) -> Q8Tensor:
+    """Quantize a 2-D array (float32, float16, or bf16 given as uint16 with src_dtype='bf16'),
+    into `out` when given (e.g. rows of a bigger preallocated tensor)."""
     if w.ndim != 2:
         raise ValueError(f"Q8_0 quantizes matrices, got shape {w.shape}")
     if src_dtype == "bf16":
@@ -174,10 +175,16 @@ def quantize(w: np.ndarray, src_dtype: str | None = None) -> Q8Tensor:
     else:
         kind, src = SRC_F32, w.astype(np.float32)
     rows, cols = w.shape
-    q = np.empty((rows, padded(cols)), np.int8)
-    d = np.empty((rows, padded(cols) // QK), np.uint16)
-    _quantize_rows(src, kind, q, d)
-    return Q8Tensor(q, d, cols)
+    if out is None:
+        out = empty(rows, cols)
+    assert out.q.shape == (rows, padded(cols)) and out.cols == cols
+    _quantize_rows(src, kind, out.q, out.d)
+    return out
+
+
+def empty(rows: int, cols: int) -> Q8Tensor:
+    return Q8Tensor(np.empty((rows, padded(cols)), np.int8),
+                    np.empty((rows, padded(cols) // QK), np.uint16), cols)
 
 
 @njit(inline="always")
@@ -210,11 +217,9 @@ def dequantize(w: Q8Tensor, rows: slice = slice(None), out: np.ndarray | None = 
     return out
 
 
-def concat_rows(parts: list[Q8Tensor]) -> Q8Tensor:
-    """Stack Q8_0 matrices with the same column count (e.g. Wq, Wk, Wv rows -> one Wqkv)."""
-    assert len({p.cols for p in parts}) == 1
-    return Q8Tensor(np.concatenate([p.q for p in parts]), np.concatenate([p.d for p in parts]),
-                    parts[0].cols)
+def row_range(w: Q8Tensor, r0: int, r1: int) -> Q8Tensor:
+    """Rows [r0, r1) as a view."""
+    return Q8Tensor(w.q[r0:r1], w.d[r0:r1], w.cols)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +285,10 @@ _GEMM_TILE = 128   # weight rows per tile: 128 x 2048 f32 = 1 MiB, one core's L2
 _threads = nb.get_num_threads()
 _pool: ThreadPoolExecutor | None = None
 threadpool_limits(1, user_api="blas")
+
+
+def max_threads() -> int:
+    return nb.config.NUMBA_NUM_THREADS
 
 
 def set_threads(n: int) -> None:
