@@ -24,7 +24,6 @@ keeping f32 scales and runs as fast.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba as nb
@@ -197,7 +196,7 @@ def _row_scales(dr, ds):
 
 @njit(fastmath=True, **_JIT)
 def _dequantize_rows(q, d, out):
-    # serial: runs inside one GEMM pool thread per tile
+    # serial: runs inside one GEMM task per tile
     rows, cols = out.shape
     for r in range(rows):
         ds = np.empty(d.shape[1], np.float32)
@@ -275,15 +274,15 @@ def _matmul4(q, d, X, out):
             out[3, r] = a3
 
 
-_GEMM_MIN_T = 16   # from this batch size on, dequantized tiles through BLAS win (bench/kernels.py)
-_GEMM_TILE = 128   # weight rows per tile: 128 x 2048 f32 = 1 MiB, one core's L2
+_GEMM_MIN_T = 16    # from this batch size on, dequantized tiles through BLAS win (bench/kernels.py)
+_GEMM_TILE = 256    # weight rows dequantized per SGEMM call
 
-# The prompt is compute-bound: tiles of W are dequantized to f32 and multiplied by OpenBLAS's
-# SGEMM. OpenBLAS runs single-threaded inside our own pool of `threads` Python threads (tiles
-# split between them): its own thread pool busy-waits after each call and, alternating with
-# Numba's OpenMP threads, slowed both by 3-10x on this 2-core machine.
-_threads = nb.get_num_threads()
-_pool: ThreadPoolExecutor | None = None
+# The prompt is compute-bound: tiles of W are dequantized to f32 and multiplied by SGEMM, called
+# from inside Numba's parallel loop (np.dot goes to SciPy's BLAS), single-threaded per tile. All
+# parallel work thus runs on Numba's one OpenMP pool: a second pool (OpenBLAS's own threads, or a
+# Python thread pool around BLAS) busy-waiting next to it slowed both 3-10x on 2 cores.
+import scipy.linalg.cython_blas  # noqa: E402,F401  (loads the BLAS that Numba's np.dot calls)
+
 threadpool_limits(1, user_api="blas")
 
 
@@ -292,13 +291,20 @@ def max_threads() -> int:
 
 
 def set_threads(n: int) -> None:
-    """Threads for every kernel: Numba's parallel loops and the GEMM tile pool."""
-    global _threads, _pool
+    """Threads for every kernel (Numba's parallel loops)."""
     nb.set_num_threads(n)
-    if n != _threads and _pool is not None:
-        _pool.shutdown()
-        _pool = None
-    _threads = n
+
+
+@njit(parallel=True, fastmath=True, **_JIT)
+def _gemm(q, d, X, out):
+    # X [T, C] f32 -> out [T, R]; one task per tile of _GEMM_TILE weight rows
+    R, C = q.shape
+    for t in prange((R + _GEMM_TILE - 1) // _GEMM_TILE):
+        r0 = t * _GEMM_TILE
+        r1 = min(R, r0 + _GEMM_TILE)
+        tile = np.empty((r1 - r0, C), np.float32)
+        _dequantize_rows(q[r0:r1], d[r0:r1], tile)
+        out[:, r0:r1] = np.dot(X, tile.T)
 
 
 def _pad_cols(X: np.ndarray, cols_padded: int) -> np.ndarray:
@@ -307,30 +313,6 @@ def _pad_cols(X: np.ndarray, cols_padded: int) -> np.ndarray:
     P = np.zeros(X.shape[:-1] + (cols_padded,), np.float32)
     P[..., : X.shape[-1]] = X
     return P
-
-
-def _gemm(w: Q8Tensor, Xp: np.ndarray) -> np.ndarray:
-    global _pool
-    R, T = w.q.shape[0], Xp.shape[0]
-    outT = np.empty((R, T), np.float32)  # W @ X^T: each tile writes whole contiguous rows
-    XT = Xp.T
-
-    def run(r0s):
-        tile = np.empty((_GEMM_TILE, w.q.shape[1]), np.float32)
-        for r0 in r0s:
-            r1 = min(R, r0 + _GEMM_TILE)
-            _dequantize_rows(w.q[r0:r1], w.d[r0:r1], tile[: r1 - r0])
-            np.matmul(tile[: r1 - r0], XT, out=outT[r0:r1])
-
-    starts = list(range(0, R, _GEMM_TILE))
-    if _threads == 1:
-        run(starts)
-    else:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(_threads, thread_name_prefix="gemm")
-        for f in [_pool.submit(run, starts[i::_threads]) for i in range(_threads)]:
-            f.result()
-    return np.ascontiguousarray(outT.T)
 
 
 def matvec(w: Q8Tensor, x: np.ndarray) -> np.ndarray:
@@ -348,10 +330,11 @@ def matmul(w, X: np.ndarray) -> np.ndarray:
     if T == 1:
         return matvec(w, X[0])[None, :]
     Xp = _pad_cols(X, w.q.shape[1])
-    if T >= _GEMM_MIN_T:
-        return _gemm(w, Xp)
     R = w.q.shape[0]
     out = np.empty((T, R), np.float32)
+    if T >= _GEMM_MIN_T:
+        _gemm(w.q, w.d, Xp, out)
+        return out
     X4 = np.zeros((4, Xp.shape[1]), np.float32)
     o4 = np.empty((4, R), np.float32)
     for k in range(0, T, 4):  # groups of four tokens, each group one pass over W
