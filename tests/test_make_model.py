@@ -13,14 +13,9 @@ import pytest
 from safetensors import safe_open
 
 from bench import make_model as mm
-from bench.make_model import (
-    MakeModelError,
-    f32_to_bf16_bits,
-    f32_to_f16_bits,
-    make_model,
-    reference_tensor,
-    tensor_specs,
-)
+from bench.make_model import (MakeModelError, encode, make_model, reference_tensor, tensor_specs,
+                              write_safetensors)
+from client.errors import UserError
 
 TINY = {
     "architectures": ["LlamaForCausalLM"],
@@ -252,13 +247,10 @@ def test_bf16_rounding_matches_independent_computation():
                        dtype=np.uint32).view(np.float32)
     normals = rng.standard_normal(200_000, dtype=np.float32) * np.float32(0.02)
     for v in (x, special, normals):
-        assert np.array_equal(f32_to_bf16_bits(v), bf16_independent(v))
-    assert [hex(b) for b in f32_to_bf16_bits(special[:5])] == \
+        assert np.array_equal(encode(v, "bf16"), bf16_independent(v))
+    assert [hex(b) for b in encode(special[:5], "bf16")] == \
         ["0x3f80", "0x3f82", "0x3f81", "0x3f80", "0xbf82"]
-    inf_nan = np.array([np.inf, -np.inf, np.nan], dtype=np.float32)
-    got = f32_to_bf16_bits(inf_nan)
-    assert got[0] == 0x7F80 and got[1] == 0xFF80
-    assert (got[2] & 0x7F80) == 0x7F80 and (got[2] & 0x7F) != 0  # still NaN
+    assert list(encode(np.array([np.inf, -np.inf], np.float32), "bf16")) == [0x7F80, 0xFF80]
 
 
 def test_f16_conversion_matches_numpy():
@@ -272,8 +264,38 @@ def test_f16_conversion_matches_numpy():
         edge = (np.arange(-40000, 40000, dtype=np.int64) + 0x38800000).astype(np.uint32).view(np.float32)
         edge2 = (np.arange(0, 0x4000000, 997, dtype=np.int64) + 0x33000000).astype(np.uint32).view(np.float32)
         for v in (x, edge, edge2, -edge2):
-            assert np.array_equal(f32_to_f16_bits(v), v.astype(np.float16).view(np.uint16))
-    assert np.array_equal(f32_to_f16_bits(x), want)
+            assert np.array_equal(encode(v, "f16"), v.astype(np.float16).view(np.uint16))
+    assert np.array_equal(encode(x, "f16"), want)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("shard_bytes", [None, 2_000])
+def test_write_safetensors_round_trip(tmp_path, dtype, shard_bytes):
+    rng = np.random.default_rng(3)
+    tensors = {"b.weight": rng.standard_normal((40, 30), dtype=np.float32),
+               "a.weight": rng.standard_normal((7,)).astype(np.float32),  # order kept, not sorted
+               "c.scalar": np.float32(rng.standard_normal(1)).reshape(()),
+               "d.view": rng.standard_normal((30, 50), dtype=np.float32)[:, ::2]}  # not contiguous
+    paths = write_safetensors(tmp_path, tensors, dtype=dtype, shard_bytes=shard_bytes)
+    assert sorted(paths) == sorted(tmp_path.iterdir())  # returns every file it wrote
+    got = model_tensors(tmp_path)
+    assert list(got) == list(tensors) if shard_bytes is None else set(got) == set(tensors)
+    if shard_bytes is None:
+        assert [p.name for p in paths] == ["model.safetensors"]
+    else:
+        assert len(paths) > 2 and paths[-1].name == "model.safetensors.index.json"
+        wm = json.loads(paths[-1].read_text())["weight_map"]
+        assert [wm[k] for k in tensors] == sorted(wm[k] for k in tensors)  # greedy, in order
+    for name, a in tensors.items():
+        st, shp, data = got[name]
+        assert st == ST_DTYPE[dtype] and shp == list(a.shape)
+        if dtype == "f32":
+            assert np.array_equal(np.frombuffer(data, np.float32).reshape(a.shape), a)
+        elif dtype == "f16":
+            want = a.astype(np.float16)
+            assert np.array_equal(np.frombuffer(data, np.float16).reshape(a.shape), want)
+        else:
+            assert np.array_equal(np.frombuffer(data, np.uint16), bf16_independent(a.ravel()))
 
 
 def test_skips_when_up_to_date_and_regenerates_when_not(shape, tmp_path, monkeypatch, capsys):
@@ -285,7 +307,7 @@ def test_skips_when_up_to_date_and_regenerates_when_not(shape, tmp_path, monkeyp
     def boom(*a, **k):
         raise AssertionError("should not regenerate")
 
-    monkeypatch.setattr(mm._Writer, "write", boom)
+    monkeypatch.setattr(mm, "_write_tensor", boom)
     capsys.readouterr()
     build(shape, out, verbose=True)
     assert "skipping" in capsys.readouterr().err
@@ -327,7 +349,7 @@ def test_api_errors(shape, tmp_path):
         build(shape, tmp_path / "m", dtype="int8")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(dict(TINY, num_key_value_heads=3)))
-    with pytest.raises(MakeModelError, match="num_key_value_heads"):
+    with pytest.raises(UserError, match="num_key_value_heads"):
         build(bad, tmp_path / "m")
     afile = tmp_path / "afile"
     afile.write_text("x")
