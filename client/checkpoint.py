@@ -17,6 +17,7 @@ from client.errors import UserError
 
 _DTYPES = {"F32": (np.float32, "f32"), "F16": (np.float16, "f16"), "BF16": (np.uint16, "bf16")}
 _PAGE = mmap.PAGESIZE
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
 
 
 class _File:
@@ -113,8 +114,19 @@ class Checkpoint:
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr.astype(np.float32)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process (they stay in the OS file cache)."""
+    def _advise(self, name: str, advice: int) -> None:
         f, (_, _, off, nbytes) = self._entry(name)
         start = off // _PAGE * _PAGE
-        f.mm.madvise(mmap.MADV_DONTNEED, start, min(len(f.mm) - start, off + nbytes - start))
+        f.mm.madvise(advice, start, min(len(f.mm) - start, off + nbytes - start))
+
+    def populate(self, name: str) -> None:
+        """Map the tensor's pages in one call (reading them ahead): faster than faulting them
+        in one by one while quantizing."""
+        try:
+            self._advise(name, _MADV_POPULATE_READ)
+        except OSError:  # older kernels
+            self._advise(name, mmap.MADV_WILLNEED)
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process (they stay in the OS file cache)."""
+        self._advise(name, mmap.MADV_DONTNEED)

@@ -46,6 +46,7 @@ def output_name(cfg: LlamaConfig, ckpt: Checkpoint) -> str:
 
 def _rows_cols(ckpt, name, shape, rows, cols):
     raw, kind = ckpt.raw(name, shape)
+    ckpt.populate(name)
     return raw[slice(*rows) if rows else slice(None), slice(*cols) if cols else slice(None)], kind
 
 
