@@ -60,6 +60,15 @@ def test_q8_0_teacher_forced_top1_agreement_with_f32(f32, q8, story_ids):
     assert (a == b).mean() >= 0.97
 
 
+def test_q8_0_one_token_path_top1_agreement_with_f32(f32, q8, story_ids):
+    """Decoding one token per pass runs the one-token kernel (int8 activations on VNNI CPUs)."""
+    ids = story_ids[:200]
+    a = f32.forward(ids, 0, all_logits=True).argmax(axis=1)
+    q8.forward(ids[:1], 0)
+    b = [q8.forward([t], p)[0].argmax() for p, t in enumerate(ids[1:], start=1)]
+    assert (a[1:] == np.array(b)).mean() >= 0.97
+
+
 def test_q8_0_perplexity_within_one_percent_of_f32(f32, q8, story_ids):
     p32, n = perplexity(f32, story_ids)
     p8, _ = perplexity(q8, story_ids)

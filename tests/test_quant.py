@@ -74,10 +74,38 @@ def test_matmul_against_float64_reference(threads, rows, cols):
         for T in range(1, 18):
             X = rng.standard_normal((T, cols)).astype(np.float32)
             ref = X.astype(np.float64) @ W.T
-            got = Q.matmul(w, X)
+            got = Q.matmul(w, X) if T > 1 else Q.matvec(w, X[0], vnni=False)[None, :]
             assert got.shape == (T, rows) and got.dtype == np.float32
             scale = np.abs(X).astype(np.float64) @ np.abs(W).T + 1e-30    # error scales with |x||w|
             assert (np.abs(got - ref) / scale).max() < 2e-6, (T, threads)
+    finally:
+        Q.set_threads(2)
+
+
+KERNELS = [False] + ([True] if Q.VNNI else [])  # the VNNI one-token kernel where the CPU has it
+
+
+@pytest.mark.parametrize("vnni", KERNELS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,cols", [(1, 64), (7, 40), (33, 172), (130, 2048), (65, 5632)])
+def test_one_token_kernels(vnni, threads, rows, cols):
+    """Float kernel: x as is. VNNI kernel: x quantized to Q8_0 first (llama.cpp's
+    quantize_row_q8_0), then exact integer dots: compare with that in float64."""
+    Q.set_threads(threads)
+    try:
+        w_src = _hard_rows(rows, cols)
+        w = Q.quantize(w_src)
+        W = q8_0_dequantize_ref(*q8_0_quantize_ref(w_src), cols)
+        x = rng.standard_normal(cols).astype(np.float32)
+        got = Q.matvec(w, x, vnni=vnni)
+        uses_int8 = vnni and Q.padded(cols) % 64 == 0
+        xr = q8_0_dequantize_ref(*q8_0_quantize_ref(x[None, :]), cols)[0] if uses_int8 else x
+        ref = W @ xr.astype(np.float64)
+        scale = np.abs(W) @ np.abs(xr.astype(np.float64)) + 1e-30
+        assert (np.abs(got - ref) / scale).max() < 2e-6
+        if uses_int8:  # and the int8 activations stay within their quantization error of x
+            exact = W @ x.astype(np.float64)
+            assert (np.abs(got - exact) / (np.abs(W) @ np.abs(x.astype(np.float64)) + 1e-30)).max() < 0.01
     finally:
         Q.set_threads(2)
 
