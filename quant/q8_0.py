@@ -379,7 +379,7 @@ def _host_has_vnni() -> bool:
 VNNI = _host_has_vnni()
 
 
-_GEMM_MIN_T = 16    # from this batch size on, dequantized tiles through BLAS win (bench/kernels.py)
+_GEMM_MIN_T = 32    # from this batch size on, dequantized tiles through SGEMM win (bench/kernels.py)
 _GEMM_TILE = 256    # weight rows dequantized per SGEMM call
 
 # The prompt is compute-bound: tiles of W are dequantized to f32 and multiplied by SGEMM, called
