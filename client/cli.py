@@ -47,10 +47,28 @@ def _model_options(f):
                      help="Compute threads (default: all cores).")(f)
     f = click.option("--ctx", type=click.IntRange(min=2), default=None,
                      help="Context length to allocate the KV cache for (default: the model's).")(f)
+    f = click.option("--workers", default="", metavar="HOST:PORT[*W],...",
+                     help="Workers (`bin/worker PORT` on each machine) to spread the model over; "
+                     "*W weighs a node's share (default: each node's measured speed).")(f)
+    f = click.option("--cluster", "cluster_file", type=click.Path(path_type=Path), default=None,
+                     help="A TOML file of [[worker]] tables (address = \"host:port\", weight = W).")(f)
+    f = click.option("--no-local", is_flag=True,
+                     help="Compute nothing in this process: the workers hold every slice.")(f)
+    f = click.option("--perf-csv", type=click.Path(path_type=Path), default=None,
+                     help="Write one row per call to a worker (token, layer, block, worker, rows, "
+                     "bytes, compute and round-trip us) to this CSV file.")(f)
     return f
 
 
-def _load(model_dir, weights, kv_dtype, threads, ctx, quiet=False):
+def _workers(workers: str, cluster_file) -> list:
+    from client.cluster import load_cluster_file, parse_workers
+    out = parse_workers(workers) if workers else []
+    if cluster_file:
+        out += load_cluster_file(cluster_file)
+    return out
+
+
+def _load(model_dir, weights, kv_dtype, threads, ctx, quiet=False, workers=(), local=True):
     from client.model import Model
     from client.progress import Progress
     from quant.q8_0 import max_threads, set_threads
@@ -70,7 +88,7 @@ def _load(model_dir, weights, kv_dtype, threads, ctx, quiet=False):
         bar.update(done)
 
     model = Model.load(model_dir, fmt=weights, kv_dtype=kv_dtype, ctx=ctx,
-                       progress=None if quiet else progress)
+                       progress=None if quiet else progress, workers=workers, local=local)
     if bar:
         bar.close()
     return model
@@ -119,7 +137,7 @@ def _print_memory(model) -> None:
               help="Print one JSON object (ids, text, speeds) on stdout instead of streaming.")
 @_model_options
 def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, weights, kv_dtype,
-             threads, ctx):
+             threads, ctx, workers, cluster_file, no_local, perf_csv):
     """Generate text after PROMPT, streaming it (prompt included) to stdout.
 
     Speed and memory go to stderr: load time, a memory-by-layer-type table, prompt tok/s,
@@ -131,9 +149,13 @@ def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, wei
         if n_tokens < 1:
             raise UserError(f"-n {n_tokens}: the number of tokens to generate must be at least 1")
         _check_prompt(model_dir, prompt, ctx)  # before the (long) load
-        model = _load(model_dir, weights, kv_dtype, threads, ctx)
+        model = _load(model_dir, weights, kv_dtype, threads, ctx,
+                      workers=_workers(workers, cluster_file), local=not no_local)
         click.echo(f"loaded {model_dir} in {model.load_seconds:.2f} s", err=True)
         _print_memory(model)
+        from client.profile import print_nodes, print_pings, write_perf_csv
+        print_nodes(model)
+        print_pings(model)
         ids = model.tokenizer.encode(prompt)
         stream = None if as_json else StreamDecoder(model.tokenizer, ids)
         if stream:
@@ -150,9 +172,13 @@ def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, wei
         if stream:
             sys.stdout.write(stream.flush() + "\n")
         ms = 1000 / res.gen_tok_s if res.gen_tok_s else 0.0
+        from client.profile import print_calls, rpc_line
+        print_calls(model)
         click.echo(f"prompt: {len(ids)} tokens, {res.prompt_tok_s:.2f} tok/s | generation: "
-                   f"{len(res.new_ids)} tokens, {res.gen_tok_s:.2f} tok/s, {ms:.2f} ms/token",
-                   err=True)
+                   f"{len(res.new_ids)} tokens, {res.gen_tok_s:.2f} tok/s, {ms:.2f} ms/token"
+                   + rpc_line(model), err=True)
+        if perf_csv:
+            write_perf_csv(model, perf_csv)
         if as_json:
             click.echo(json.dumps({
                 "prompt_ids": ids, "new_ids": res.new_ids,
@@ -168,7 +194,8 @@ def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, wei
 @click.argument("text_file", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print {perplexity, n_tokens} as JSON.")
 @_model_options
-def perplexity(model_dir, text_file, as_json, weights, kv_dtype, threads, ctx):
+def perplexity(model_dir, text_file, as_json, weights, kv_dtype, threads, ctx, workers,
+               cluster_file, no_local, perf_csv):
     """Perplexity of BOS + TEXT_FILE's tokens (every token after BOS, one pass up to the
     context length)."""
     try:
@@ -178,9 +205,13 @@ def perplexity(model_dir, text_file, as_json, weights, kv_dtype, threads, ctx):
             text = text_file.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{text_file}: cannot read it as UTF-8 text ({e})")
-        model = _load(model_dir, weights, kv_dtype, threads, ctx, quiet=as_json)
+        model = _load(model_dir, weights, kv_dtype, threads, ctx, quiet=as_json,
+                      workers=_workers(workers, cluster_file), local=not no_local)
         ids = model.tokenizer.encode(text, bos=True)
         value, n = ppl(model, ids)
+        if perf_csv:
+            from client.profile import write_perf_csv
+            write_perf_csv(model, perf_csv)
         if as_json:
             click.echo(json.dumps({"perplexity": value, "n_tokens": n}))
         else:

@@ -6,7 +6,9 @@
         x += sum(node.feed_forward(layer, rmsnorm(x) * w_ffn))    # one more
     logits = concat(node.logits(rmsnorm(x) * w_final))           # classifier rows split too
 
-A node is anything with those three methods: in-process it is a SliceSet (client/slices.py).
+A node is a SliceSet (client/slices.py) run in-process, or a RemoteNode (client/cluster.py): a
+worker running the same SliceSet code on its shard. For each block the client first sends the
+step to every remote node, then computes its own share while they work, then collects.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 
 from client import kernels
 from client.checkpoint import Checkpoint
+from client.cluster import RemoteNode
 from client.config import LlamaConfig
 from client.errors import UserError
 from client.slices import Shard, SliceSet, layer_name, load_matrix, output_name
@@ -52,6 +55,15 @@ def plan_shards(cfg: LlamaConfig, weights: list[float]) -> list[Shard]:
     return [Shard(h, u, r) for h, u, r in zip(heads, units, rows)]
 
 
+def node_weights(remote: list, local: bool) -> list[float]:
+    """Explicit weights where given (the rest 1), else every node's measured speed."""
+    explicit = [r.weight for r in remote]
+    if any(w is not None for w in explicit):
+        return ([1.0] if local else []) + [w or 1.0 for w in explicit]
+    from quant.q8_0 import measure_speed
+    return ([measure_speed()] if local else []) + [r.info.speed_gb_s for r in remote]
+
+
 @dataclass
 class Model:
     cfg: LlamaConfig
@@ -65,9 +77,14 @@ class Model:
     kv_dtype: str
     ctx: int
     load_seconds: float = 0.0
+    passes: int = 0              # forward passes so far (the token index of matmul_perf.csv)
 
     @staticmethod
-    def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=(1.0,), progress=None):
+    def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=None, progress=None,
+             workers=(), local=True):
+        """Load a model; with `workers` [(host:port, weight or None)], spread it over them (and
+        this process unless local=False), in proportion to the weights, by default each node's
+        measured speed."""
         t0 = time.perf_counter()
         model_dir = Path(model_dir)
         cfg = LlamaConfig.load(model_dir)
@@ -84,11 +101,25 @@ class Model:
         final_norm = norm("model.norm.weight")
         emb_name = "model.embed_tokens.weight"
         embedding = load_matrix(ckpt, emb_name, (cfg.vocab_size, D), fmt=fmt)
+        remote = [RemoteNode(addr, w) for addr, w in workers]
+        for r in remote:
+            r.hello()
+        if weights is None:
+            weights = node_weights(remote, local)
+        if not local and not remote:
+            raise UserError("no nodes: --no-local needs --workers")
         shards = plan_shards(cfg, list(weights))
         tied = output_name(cfg, ckpt) == emb_name
-        nodes = [SliceSet.build(ckpt, cfg, sh, fmt, kv_dtype, ctx, progress=progress,
-                                classifier=embedding if tied and sh.rows == (0, cfg.vocab_size) else None)
-                 for sh in shards]
+        nodes = []
+        for i, sh in enumerate(shards):
+            node = SliceSet.build(ckpt, cfg, sh, fmt, kv_dtype, ctx, progress=progress,
+                                  classifier=embedding if tied and sh.rows == (0, cfg.vocab_size) else None)
+            j = i - (1 if local else 0)
+            if j >= 0 and remote:  # a worker's shard: quantized here, uploaded, dropped
+                remote[j].upload(node, (model_dir / "config.json").read_text())
+                remote[j].open(ctx, kv_dtype)
+                node = remote[j]
+            nodes.append(node)
         m = Model(cfg, tok, embedding, attn_norm, ffn_norm, final_norm, nodes, fmt, kv_dtype, ctx)
         m.load_seconds = time.perf_counter() - t0
         return m
@@ -106,19 +137,37 @@ class Model:
         if p0 + len(ids) > self.ctx:
             raise UserError(f"{p0 + len(ids)} tokens exceed the context of {self.ctx}")
         eps = self.cfg.norm_eps
+        for n in self.nodes:
+            if isinstance(n, RemoteNode):
+                n.token = self.passes
+        self.passes += 1
         x = self.embed(ids)                                                 # [T, D]
         for l in range(self.cfg.n_layers):
             xn = kernels.rmsnorm(x, self.attn_norm[l], eps)
-            for part in (n.attention(l, xn, p0) for n in self.nodes):
-                if part is not None:
-                    x += part
+            for part in self.gather("attention", l, xn, p0):                 # round trip 1
+                x += part
             xn = kernels.rmsnorm(x, self.ffn_norm[l], eps)
-            for part in (n.feed_forward(l, xn) for n in self.nodes):
-                if part is not None:
-                    x += part
+            for part in self.gather("ffn", l, xn, p0):                       # round trip 2
+                x += part
         xn = kernels.rmsnorm(x if all_logits else x[-1:], self.final_norm, eps)
-        parts = [n.logits(xn) for n in self.nodes]
+        parts = self.gather("logits", 0, xn, p0)                             # rows in node order
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def gather(self, op: str, layer: int, xn: np.ndarray, p0: int) -> list[np.ndarray]:
+        """Every node's result for one block: remote nodes get the step first, then this
+        process computes its share while they work, then their replies are read."""
+        remote = [n for n in self.nodes if isinstance(n, RemoteNode)]
+        for n in remote:
+            n.start(op, layer, xn, p0)
+        parts = [None if isinstance(n, RemoteNode) else n.run(op, layer, xn, p0) for n in self.nodes]
+        for i, n in enumerate(self.nodes):
+            if isinstance(n, RemoteNode):
+                parts[i] = n.wait()
+        return [p for p in parts if p is not None]
+
+    @property
+    def remote(self) -> list:
+        return [n for n in self.nodes if isinstance(n, RemoteNode)]
 
     def memory_table(self) -> list[tuple[str, str, int, int]]:
         """(layer type, quant, bytes, params) per kind of weight, then the KV cache."""

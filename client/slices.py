@@ -13,7 +13,7 @@ A Shard names what one node holds; `SliceSet` builds and runs that node's slices
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -141,6 +141,53 @@ class SliceSet:
 
     def logits(self, xn: np.ndarray) -> np.ndarray:
         return matmul(self.classifier, xn)                                 # [T, r1 - r0]
+
+    def with_fresh_cache(self, ctx: int, kv_dtype: str) -> "SliceSet":
+        """The same weights with new, empty KV caches (one per worker session)."""
+        attn = [None if a is None else replace(
+            a, cache_k=np.zeros((a.kv_heads[1] - a.kv_heads[0], ctx, a.cache_k.shape[2]), KV_DTYPES[kv_dtype]),
+            cache_v=np.zeros((a.kv_heads[1] - a.kv_heads[0], ctx, a.cache_k.shape[2]), KV_DTYPES[kv_dtype]))
+            for a in self.attn]
+        return replace(self, attn=attn)
+
+    def tensors(self) -> dict:
+        """name -> weight (Q8Tensor or float32), in a fixed order: what an upload carries."""
+        out = {}
+        for l, (a, f) in enumerate(zip(self.attn, self.ffn)):
+            if a is not None:
+                out[f"layers.{l}.wqkv"], out[f"layers.{l}.wo"] = a.wqkv, a.wo
+            if f is not None:
+                out[f"layers.{l}.wgu"], out[f"layers.{l}.wdown"] = f.wgu, f.wdown
+        out["classifier"] = self.classifier
+        return out
+
+    @staticmethod
+    def from_tensors(cfg: LlamaConfig, shard: Shard, tensors: dict, ctx: int, kv_dtype="bf16"):
+        """Rebuild a SliceSet from `tensors()` of the same shard (a worker after an upload)."""
+        d, g = cfg.head_dim, cfg.group
+        h0, h1 = shard.heads
+        k0, k1 = h0 // g, (h1 - 1) // g + 1
+        s = SliceSet(shard, rope=rope_tables(cfg))
+        for l in range(cfg.n_layers):
+            if h1 > h0:
+                kv_of_q = np.array([h // g - k0 for h in range(h0, h1)], np.int64)
+                cache = np.zeros((k1 - k0, 0, d), KV_DTYPES[kv_dtype])
+                s.attn.append(AttentionSlice((h0, h1), (k0, k1), tensors[f"layers.{l}.wqkv"],
+                                             tensors[f"layers.{l}.wo"], kv_of_q, cache, cache))
+            else:
+                s.attn.append(None)
+            s.ffn.append(FFNSlice(shard.units, tensors[f"layers.{l}.wgu"], tensors[f"layers.{l}.wdown"])
+                         if shard.units[1] > shard.units[0] else None)
+        s.classifier = tensors["classifier"]
+        return s.with_fresh_cache(ctx, kv_dtype)
+
+    def run(self, op: str, layer: int, x: np.ndarray, p0: int) -> np.ndarray | None:
+        """One step by name: what a worker does with a StepRequest."""
+        if op == "attention":
+            return self.attention(layer, x, p0)
+        if op == "ffn":
+            return self.feed_forward(layer, x)
+        return self.logits(x)
 
     @staticmethod
     def build(ckpt: Checkpoint, cfg: LlamaConfig, shard: Shard, fmt="q8_0", kv_dtype="bf16",

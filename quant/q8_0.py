@@ -457,3 +457,15 @@ def matmul(w, X: np.ndarray) -> np.ndarray:
         _matmul4(w.q, w.d, X4, o4)
         out[k:k + n] = o4[:n]
     return out
+
+
+def measure_speed() -> float:
+    """GB/s of the one-token kernel on a 34 MB matrix (~0.3 s): a node's speed for balancing."""
+    import time
+    w = quantize(np.random.default_rng(0).standard_normal((8192, 4096), np.float32))
+    x = np.ones(4096, np.float32)
+    matvec(w, x)
+    t = time.perf_counter()
+    for _ in range(5):
+        matvec(w, x)
+    return w.nbytes * 5 / (time.perf_counter() - t) / 1e9

@@ -1,0 +1,95 @@
+"""What crosses the network, besides the generated messages: the step channel's frames and the
+packing of slice tensors for an upload."""
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+
+import numpy as np
+
+from proto import tensorlan_pb2 as pb
+from quant.q8_0 import Q8Tensor, padded
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 256 << 20
+_LEN = struct.Struct("<I")
+
+
+class WireError(Exception):
+    pass
+
+
+def send_frame(sock: socket.socket, msg) -> int:
+    data = msg.SerializeToString()
+    sock.sendall(_LEN.pack(len(data)) + data)
+    return len(data) + 4
+
+
+def recv_frame(f, cls):
+    """Read one length-prefixed message from a buffered socket file; None at a clean EOF."""
+    head = f.read(4)
+    if not head:
+        return None, 0
+    if len(head) < 4:
+        raise WireError("truncated frame header")
+    (n,) = _LEN.unpack(head)
+    if n > MAX_FRAME:
+        raise WireError(f"frame of {n} bytes exceeds the limit of {MAX_FRAME}")
+    data = f.read(n)
+    if len(data) < n:
+        raise WireError("truncated frame")
+    msg = cls()
+    msg.ParseFromString(data)
+    return msg, n + 4
+
+
+def pack_tensor(name: str, w) -> tuple[pb.TensorInfo, list[bytes]]:
+    """Q8_0: quants then fp16 scales; f32: the array. Returns the header entry and the bytes."""
+    if isinstance(w, Q8Tensor):
+        parts, dtype, shape = [w.q.tobytes(), w.d.tobytes()], "q8_0", w.shape
+    else:
+        parts, dtype, shape = [np.ascontiguousarray(w, np.float32).tobytes()], "f32", w.shape
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    info = pb.TensorInfo(name=name, dtype=dtype, shape=list(shape),
+                         nbytes=sum(len(p) for p in parts), sha256=h.digest())
+    return info, parts
+
+
+def tensor_nbytes(dtype: str, shape) -> int:
+    rows, cols = shape
+    if dtype == "q8_0":
+        return rows * padded(cols) + rows * padded(cols) // 32 * 2
+    return rows * cols * 4
+
+
+def unpack_tensor(info: pb.TensorInfo, data: bytes):
+    if len(info.shape) != 2:
+        raise WireError(f"tensor {info.name}: shape {list(info.shape)} is not 2-D")
+    rows, cols = info.shape
+    if len(data) != tensor_nbytes(info.dtype, info.shape):
+        raise WireError(f"tensor {info.name}: {len(data)} bytes, expected "
+                        f"{tensor_nbytes(info.dtype, info.shape)}")
+    if hashlib.sha256(data).digest() != info.sha256:
+        raise WireError(f"tensor {info.name}: checksum mismatch")
+    if info.dtype == "q8_0":
+        nq = rows * padded(cols)
+        q = np.frombuffer(data, np.int8, nq).reshape(rows, padded(cols))
+        d = np.frombuffer(data, np.uint16, offset=nq).reshape(rows, padded(cols) // 32)
+        return Q8Tensor(q, d, cols)
+    if info.dtype == "f32":
+        return np.frombuffer(data, np.float32).reshape(rows, cols)
+    raise WireError(f"tensor {info.name}: unknown dtype {info.dtype!r}")
+
+
+def to_bytes(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a, np.float32).tobytes()
+
+
+def from_bytes(b: bytes, rows: int) -> np.ndarray:
+    a = np.frombuffer(b, np.float32)
+    if rows <= 0 or a.size % rows:
+        raise WireError(f"{a.size} floats do not split into {rows} rows")
+    return a.reshape(rows, -1)
