@@ -92,7 +92,7 @@ def main(threads):
     out = np.empty(R, np.float32)
     nbytes = sum(w.nbytes for w in ws)
     variants = {
-        "flat": lambda w: Q._matvec(w.q, w.d, x, out),
+        "flat": lambda w: Q._matvec(w.q, w.d, x, out, np.float32(0)),
         "blocks": lambda w: mv_blocks(w.q, w.d, x, out),
         "int8": lambda w: mv_int8(w.q, w.d, xq, xd, out),
         "int8flat": lambda w: mv_int8flat(w.q, w.d, xq, xd, out),
@@ -109,7 +109,7 @@ def main(threads):
         for T in (2, 4, 8, 12, 16, 32, 128, 512):
             X = rng.standard_normal((T, C)).astype(np.float32)
             small = _median_time(lambda: Q._matmul4(w.q, w.d, X[:4] if T >= 4 else np.resize(X, (4, C)),
-                                                     np.empty((4, R), np.float32))) * -(-T // 4)
+                                                     np.empty((4, R), np.float32), np.float32(0))) * -(-T // 4)
             gemm = _median_time(lambda: Q._gemm(w.q, w.d, X, np.empty((T, R), np.float32)))
             print(f"  T={T:<4} 4-token kernel {small * 1e3:7.2f} ms  SGEMM tiles {gemm * 1e3:7.2f} ms"
                   f"  (T x matvec {T * t1 * 1e3:7.2f} ms)  SGEMM {2 * T * R * C / gemm / 1e9:6.1f} GFLOP/s")

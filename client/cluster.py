@@ -21,7 +21,8 @@ from client.errors import UserError
 from client.progress import Progress
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
-from proto.wire import PROTOCOL_VERSION, WireError, from_bytes, pack_tensor, recv_frame, send_frame, to_bytes
+from proto.wire import (PROTOCOL_VERSION, REPLY_DTYPE, WireError, from_bytes, pack_tensor, recv_frame,
+                        send_frame, to_bytes)
 
 OPS = {"attention": pb.ATTENTION, "ffn": pb.FFN, "logits": pb.LOGITS}
 CHUNK = 1 << 20
@@ -163,7 +164,10 @@ class RemoteNode:
         op, layer, T, sent, t = self._pending
         rep, received = self._reply()
         rtt = int((time.perf_counter() - t) * 1e6)
-        y = from_bytes(rep.y, T)
+        try:
+            y = from_bytes(rep.y, T, REPLY_DTYPE[op])
+        except WireError as e:
+            raise UserError(f"worker {self.addr}: malformed reply ({e})")
         self.calls.append(Call(self.token, layer, op, y.shape[1], sent, received, rep.compute_us, rtt))
         return y
 

@@ -144,17 +144,16 @@ class Model:
         x = self.embed(ids)                                                 # [T, D]
         for l in range(self.cfg.n_layers):
             xn = kernels.rmsnorm(x, self.attn_norm[l], eps)
-            for part in self.gather("attention", l, xn, p0):                 # round trip 1
-                x += part
+            x += sum(self.gather("attention", l, xn, p0))                   # round trip 1
             xn = kernels.rmsnorm(x, self.ffn_norm[l], eps)
-            for part in self.gather("ffn", l, xn, p0):                       # round trip 2
-                x += part
+            x += sum(self.gather("ffn", l, xn, p0))                         # round trip 2
         xn = kernels.rmsnorm(x if all_logits else x[-1:], self.final_norm, eps)
         parts = self.gather("logits", 0, xn, p0)                             # rows in node order
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def gather(self, op: str, layer: int, xn: np.ndarray, p0: int) -> list[np.ndarray]:
-        """Every node's result for one block: remote nodes get the step first, then this
+        """Every node's result for one block (partial sums [T, D] float64, or logits [T, rows]
+        float32, in node order): remote nodes get the step first, then this
         process computes its share while they work, then their replies are read."""
         remote = [n for n in self.nodes if isinstance(n, RemoteNode)]
         for n in remote:

@@ -1,5 +1,8 @@
 """A layer cut into slices, and the one implementation that runs them (in-process or in a worker).
 
+Partial sums come back in float64 (see quant.q8_0.matmul): summed in float64 and rounded once,
+they give the same residual whatever the slicing.
+
     attention slice = a set of query heads S, with the key/value heads they read and their cache:
         qkv     = xn @ [Wq[S rows]; Wk[kv rows]; Wv[kv rows]]^T      one matmul
         o       = attention(RoPE(q), RoPE(k) -> cache, v -> cache)
@@ -93,7 +96,12 @@ class AttentionSlice:
         qkv = matmul(self.wqkv, xn)                                        # [T, (nq+2nkv) d]
         o = kernels.attention(qkv, p0, rope[0], rope[1], self.cache_k, self.cache_v,
                               self.kv_of_q, nq)                            # [T, nq d]
-        return matmul(self.wo, o)                                          # [T, D]
+        if self.wo.shape[1] != o.shape[1]:  # head_dim not a multiple of 32: heads padded
+            T, d = o.shape[0], o.shape[1] // nq
+            op = np.zeros((T, nq, self.wo.shape[1] // nq), np.float32)
+            op[:, :, :d] = o.reshape(T, nq, d)
+            o = op.reshape(T, -1)
+        return matmul(self.wo, o, acc64=True)                              # [T, D] float64
 
 
 @dataclass
@@ -105,7 +113,7 @@ class FFNSlice:
     def forward(self, xn: np.ndarray) -> np.ndarray:
         # xn [T, D] -> partial [T, D]
         h = kernels.swiglu(matmul(self.wgu, xn), self.units[1] - self.units[0])   # [T, |U|]
-        return matmul(self.wdown, h)
+        return matmul(self.wdown, h, acc64=True)                           # [T, D] float64
 
 
 def _attention_slice(ckpt, cfg, l, heads, fmt, kv_dtype, ctx) -> AttentionSlice:
@@ -116,7 +124,16 @@ def _attention_slice(ckpt, cfg, l, heads, fmt, kv_dtype, ctx) -> AttentionSlice:
     wqkv = load_stacked(ckpt, [(q, (cfg.n_heads * d, D), (h0 * d, h1 * d)),
                                (k, (cfg.n_kv_heads * d, D), (k0 * d, k1 * d)),
                                (v, (cfg.n_kv_heads * d, D), (k0 * d, k1 * d))], fmt=fmt)
-    wo = load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h0 * d, h1 * d), fmt=fmt)
+    if fmt == "q8_0" and d % q8.QK:
+        # Q8_0 blocks of Wo run along its columns = head outputs: with head_dim not a multiple
+        # of 32, each head is quantized on its own (padded), so that a block never spans two
+        # heads and any cut by heads gives the same blocks, hence the same output
+        parts = [load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h * d, (h + 1) * d))
+                 for h in range(h0, h1)]
+        wo = q8.Q8Tensor(np.concatenate([p.q for p in parts], axis=1),
+                         np.concatenate([p.d for p in parts], axis=1), (h1 - h0) * q8.padded(d))
+    else:
+        wo = load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h0 * d, h1 * d), fmt=fmt)
     kv_of_q = np.array([h // g - k0 for h in range(h0, h1)], np.int64)
     cache_k, cache_v = (np.zeros((k1 - k0, ctx, d), KV_DTYPES[kv_dtype]) for _ in range(2))
     return AttentionSlice(heads, (k0, k1), wqkv, wo, kv_of_q, cache_k, cache_v)

@@ -84,12 +84,19 @@ def unpack_tensor(info: pb.TensorInfo, data: bytes):
     raise WireError(f"tensor {info.name}: unknown dtype {info.dtype!r}")
 
 
-def to_bytes(a: np.ndarray) -> bytes:
-    return np.ascontiguousarray(a, np.float32).tobytes()
+# activations go out as float32 [T, D]; partial sums come back float64 (exact-ish, so the sum
+# does not depend on the slicing), logits float32
+REPLY_DTYPE = {"attention": np.float64, "ffn": np.float64, "logits": np.float32}
 
 
-def from_bytes(b: bytes, rows: int) -> np.ndarray:
-    a = np.frombuffer(b, np.float32)
+def to_bytes(a: np.ndarray, dtype=np.float32) -> bytes:
+    return np.ascontiguousarray(a, dtype).tobytes()
+
+
+def from_bytes(b: bytes, rows: int, dtype=np.float32) -> np.ndarray:
+    if len(b) % np.dtype(dtype).itemsize:
+        raise WireError(f"{len(b)} bytes is not a whole number of {np.dtype(dtype).name}")
+    a = np.frombuffer(b, dtype)
     if rows <= 0 or a.size % rows:
         raise WireError(f"{a.size} floats do not split into {rows} rows")
     return a.reshape(rows, -1)

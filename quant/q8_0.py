@@ -234,8 +234,9 @@ _ROWS_PER_TASK = 16  # rows handed to a thread at once: fewer, larger tasks beat
 
 
 @njit(parallel=True, fastmath=True, **_JIT)
-def _matvec(q, d, x, out):
-    # q [R, C] int8, d [R, C/32] fp16 bits, x [C] f32 (zero-padded to C) -> out [R] f32
+def _matvec(q, d, x, out, zero):
+    # q [R, C] int8, d [R, C/32] fp16 bits, x [C] f32 (zero-padded to C) -> out [R], summed in
+    # the type of `zero` (float32, or float64 for results that must not depend on the slicing)
     R, C = q.shape
     nblk = d.shape[1]
     ntask = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
@@ -244,14 +245,14 @@ def _matvec(q, d, x, out):
         for r in range(t * _ROWS_PER_TASK, min(R, (t + 1) * _ROWS_PER_TASK)):
             _row_scales(d[r], ds)
             qr = q[r]
-            acc = np.float32(0.0)
+            acc = zero
             for i in range(C):
                 acc += np.float32(qr[i]) * ds[i >> 5] * x[i]
             out[r] = acc
 
 
 @njit(parallel=True, fastmath=True, **_JIT)
-def _matmul4(q, d, X, out):
+def _matmul4(q, d, X, out, zero):
     # X [4, C] f32 -> out [4, R]: four tokens share one pass over W (four FMAs per dequantized
     # weight). Storing the dequantized row in a buffer instead is 3x slower: LLVM does not
     # vectorize that store loop. Four keeps X (4 x C floats) in L1 for C up to 2048.
@@ -264,10 +265,10 @@ def _matmul4(q, d, X, out):
         for r in range(t * _ROWS_PER_TASK, min(R, (t + 1) * _ROWS_PER_TASK)):
             _row_scales(d[r], ds)
             qr = q[r]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
+            a0 = zero
+            a1 = zero
+            a2 = zero
+            a3 = zero
             for i in range(C):
                 wi = np.float32(qr[i]) * ds[i >> 5]
                 a0 += wi * x0[i]
@@ -289,13 +290,15 @@ _V64I8, _V16I32, _V16F, _V2F = (ir.VectorType(_i8, 64), ir.VectorType(_i32, 16),
 
 
 @intrinsic
-def _vnni_row(typingctx, q, xq, sc, n64):
+def _vnni_row(typingctx, q, xq, sc, n64, zero):
     """sum over chunks k < n64 of 64 weights: cvt(vpdpbusd(q[k] ^ 0x80, xq[k])) * sc[2k | 2k+1].
 
     q ^ 0x80 = q + 128 as unsigned bytes (vpdpbusd multiplies unsigned by signed), so each block's
     dot comes out too large by 128 * sum(xq_b): the caller subtracts that. Lanes 0-7 of a chunk
-    belong to its first block (scale sc[2k]), lanes 8-15 to the second (sc[2k+1])."""
-    sig = types.float32(q, xq, sc, types.int64)
+    belong to its first block (scale sc[2k]), lanes 8-15 to the second (sc[2k+1]). Sums in the
+    type of `zero`: float32, or float64 (then int32 dots -> double, scales widened)."""
+    wide = zero == types.float64
+    sig = zero(q, xq, sc, types.int64, zero)
 
     def codegen(context, builder, signature, args):
         ptr = lambda i, ty: builder.bitcast(  # noqa: E731
@@ -308,29 +311,34 @@ def _vnni_row(typingctx, q, xq, sc, n64):
         zero_i = ir.Constant(_V16I32, [ir.Constant(_i32, 0)] * 16)
         zero_f = ir.Constant(_V16F, [ir.Constant(_f32, 0.0)] * 16)
         halves = ir.Constant(_V16I32, [ir.Constant(_i32, 0)] * 8 + [ir.Constant(_i32, 1)] * 8)
+        ft = ir.DoubleType() if wide else _f32
+        vt = ir.VectorType(ft, 16)
+        zero_f = ir.Constant(vt, [ir.Constant(ft, 0.0)] * 16)
         pre = builder.basic_block
         loop, done = builder.append_basic_block("vnni.loop"), builder.append_basic_block("vnni.done")
         builder.cbranch(builder.icmp_signed(">", n, ir.Constant(n.type, 0)), loop, done)
         builder.position_at_end(loop)
-        k, acc = builder.phi(n.type), builder.phi(_V16F)
+        k, acc = builder.phi(n.type), builder.phi(vt)
         k.add_incoming(ir.Constant(n.type, 0), pre)
         acc.add_incoming(zero_f, pre)
         qu = builder.xor(builder.load(builder.gep(qp, [k]), align=1), flip)
         xv = builder.load(builder.gep(xp, [k]), align=1)
         dot = builder.call(dp, [zero_i, builder.bitcast(qu, _V16I32), builder.bitcast(xv, _V16I32)])
         s2 = builder.load(builder.gep(sp, [k]), align=4)
-        term = builder.fmul(builder.sitofp(dot, _V16F), builder.shuffle_vector(s2, s2, halves),
-                            flags=["fast"])
+        s16 = builder.shuffle_vector(s2, s2, halves)
+        if wide:
+            s16 = builder.fpext(s16, vt)
+        term = builder.fmul(builder.sitofp(dot, vt), s16, flags=["fast"])
         acc2 = builder.fadd(acc, term, flags=["fast"])
         k2 = builder.add(k, ir.Constant(n.type, 1))
         k.add_incoming(k2, loop)
         acc.add_incoming(acc2, loop)
         builder.cbranch(builder.icmp_signed("<", k2, n), loop, done)
         builder.position_at_end(done)
-        res = builder.phi(_V16F)
+        res = builder.phi(vt)
         res.add_incoming(zero_f, pre)
         res.add_incoming(acc2, loop)
-        total = ir.Constant(_f32, 0.0)
+        total = ir.Constant(ft, 0.0)
         for j in range(16):
             total = builder.fadd(total, builder.extract_element(res, ir.Constant(_i32, j)),
                                  flags=["fast"])
@@ -340,7 +348,7 @@ def _vnni_row(typingctx, q, xq, sc, n64):
 
 
 @njit(parallel=True, fastmath=True, **_JIT)
-def _matvec_vnni(q, d, xq, sx, cx, out):
+def _matvec_vnni(q, d, xq, sx, cx, out, zero):
     # q [R, C] (C % 64 == 0), xq [C] int8 activations with scales sx [C/32] and
     # cx[b] = -128 * sum(xq_b) * sx[b] (the unsigned-offset correction) -> out [R]
     R, C = q.shape
@@ -350,12 +358,12 @@ def _matvec_vnni(q, d, xq, sx, cx, out):
         sc = np.empty(nblk, np.float32)
         for r in range(t * _ROWS_PER_TASK, min(R, (t + 1) * _ROWS_PER_TASK)):
             dr = d[r]
-            corr = np.float32(0.0)
+            corr = zero
             for b in range(nblk):
                 w = f16_bits_to_f32(dr[b])
                 sc[b] = w * sx[b]
                 corr += w * cx[b]
-            out[r] = _vnni_row(q[r], xq, sc, C // 64) + corr
+            out[r] = _vnni_row(q[r], xq, sc, C // 64, zero) + corr
 
 
 @njit(**_JIT)
@@ -407,7 +415,7 @@ def _gemm(q, d, X, out):
     for t in prange((R + _GEMM_TILE - 1) // _GEMM_TILE):
         r0 = t * _GEMM_TILE
         r1 = min(R, r0 + _GEMM_TILE)
-        tile = np.empty((r1 - r0, C), np.float32)
+        tile = np.empty((r1 - r0, C), X.dtype)
         _dequantize_rows(q[r0:r1], d[r0:r1], tile)
         out[:, r0:r1] = np.dot(X, tile.T)
 
@@ -420,44 +428,56 @@ def _pad_cols(X: np.ndarray, cols_padded: int) -> np.ndarray:
     return P
 
 
-def matvec(w: Q8Tensor, x: np.ndarray, vnni: bool | None = None) -> np.ndarray:
-    """W[rows, cols] @ x[cols] -> [rows] float32 (int8 activations on VNNI CPUs)."""
-    out = np.empty(w.q.shape[0], np.float32)
+def matvec(w: Q8Tensor, x: np.ndarray, vnni: bool | None = None, acc64: bool = False) -> np.ndarray:
+    """W[rows, cols] @ x[cols] -> [rows] (int8 activations on VNNI CPUs). acc64: sum in float64
+    and return float64 (see matmul)."""
+    zero = np.float64(0.0) if acc64 else np.float32(0.0)
+    out = np.empty(w.q.shape[0], zero.dtype)
     x = _pad_cols(x, w.q.shape[1])
-    if (VNNI if vnni is None else vnni) and w.q.shape[1] % 64 == 0:
-        xw = quantize(x[None, :])
-        nblk = w.d.shape[1]
-        sx, cx = np.empty(nblk, np.float32), np.empty(nblk, np.float32)
-        _activation_terms(xw.q[0], xw.d[0], sx, cx)
-        _matvec_vnni(w.q, w.d, xw.q[0], sx, cx, out)
-    else:
-        _matvec(w.q, w.d, x, out)
+    if not (VNNI if vnni is None else vnni):
+        _matvec(w.q, w.d, x, out, zero)
+        return out
+    xw = quantize(x[None, :])
+    nblk = w.d.shape[1]
+    sx, cx = np.empty(nblk, np.float32), np.empty(nblk, np.float32)
+    _activation_terms(xw.q[0], xw.d[0], sx, cx)
+    if w.q.shape[1] % 64 == 0:
+        _matvec_vnni(w.q, w.d, xw.q[0], sx, cx, out, zero)
+    else:  # an odd number of blocks: the same int8 activations through the float loop
+        _matvec(w.q, w.d, xw.q[0] * np.repeat(sx, QK), out, zero)
     return out
 
 
-def matmul(w, X: np.ndarray) -> np.ndarray:
-    """X[T, cols] @ W[rows, cols]^T -> [T, rows] float32. W is a Q8Tensor or a float32 array."""
-    if not isinstance(w, Q8Tensor):
-        return np.ascontiguousarray(X, dtype=np.float32) @ w.T
+def matmul(w, X: np.ndarray, acc64: bool = False) -> np.ndarray:
+    """X[T, cols] @ W[rows, cols]^T -> [T, rows]. W is a Q8Tensor or a float32 array.
+
+    acc64=True sums in float64 and returns float64: for the column-sliced matrices (Wo, Wdown),
+    whose slices' partial sums the caller adds. Each element's product is the same whatever
+    the slicing; summed in float64, the totals agree to ~1e-16 and round to the same float32,
+    so the output does not depend on how the model was cut across nodes."""
     T = X.shape[0]
+    if not isinstance(w, Q8Tensor):
+        if acc64:
+            return X.astype(np.float64) @ w.T.astype(np.float64)
+        return np.ascontiguousarray(X, dtype=np.float32) @ w.T
     if T == 1:
-        return matvec(w, X[0])[None, :]
+        return matvec(w, X[0], acc64=acc64)[None, :]
+    zero = np.float64(0.0) if acc64 else np.float32(0.0)
     Xp = _pad_cols(X, w.q.shape[1])
     R = w.q.shape[0]
-    out = np.empty((T, R), np.float32)
+    out = np.empty((T, R), zero.dtype)
     if T >= _GEMM_MIN_T:
-        _gemm(w.q, w.d, Xp, out)
+        _gemm(w.q, w.d, Xp.astype(zero.dtype), out)
         return out
     X4 = np.zeros((4, Xp.shape[1]), np.float32)
-    o4 = np.empty((4, R), np.float32)
+    o4 = np.empty((4, R), zero.dtype)
     for k in range(0, T, 4):  # groups of four tokens, each group one pass over W
         n = min(4, T - k)
         X4[:n] = Xp[k:k + n]
         X4[n:] = 0.0
-        _matmul4(w.q, w.d, X4, o4)
+        _matmul4(w.q, w.d, X4, o4, zero)
         out[k:k + n] = o4[:n]
     return out
-
 
 def measure_speed() -> float:
     """GB/s of the one-token kernel on a 34 MB matrix (~0.3 s): a node's speed for balancing."""

@@ -27,7 +27,8 @@ from client.errors import UserError
 from client.slices import KV_DTYPES, Shard, SliceSet
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
-from proto.wire import PROTOCOL_VERSION, WireError, from_bytes, recv_frame, send_frame, to_bytes, unpack_tensor
+from proto.wire import (PROTOCOL_VERSION, REPLY_DTYPE, WireError, from_bytes, recv_frame, send_frame,
+                        to_bytes, unpack_tensor)
 from quant import q8_0
 
 log = logging.getLogger("tensorlan.worker")
@@ -127,7 +128,7 @@ class Worker(rpc.WorkerServicer):
                         raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "no OPEN before steps")
                     else:
                         t = time.perf_counter()
-                        reply.y = to_bytes(self.step(slices, req))
+                        reply.y = to_bytes(self.step(slices, req), REPLY_DTYPE[OPS[req.op]])
                         reply.compute_us = int((time.perf_counter() - t) * 1e6)
                         steps += 1
                 except StepError as e:
@@ -167,7 +168,7 @@ class Worker(rpc.WorkerServicer):
                             f"step {op} layer {req.layer} pos {req.pos} x {list(x.shape)}: expected "
                             f"[T, {D}], layer < {len(slices.ffn)}, pos + T <= {ctx}")
         y = slices.run(op, req.layer, x, req.pos)
-        return np.zeros_like(x) if y is None else y
+        return np.zeros(x.shape, np.float64) if y is None else y
 
 
 class StepError(Exception):
