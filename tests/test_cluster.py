@@ -120,3 +120,25 @@ def test_worker_answers_bad_steps_and_keeps_serving(workers):
     ids = one.tokenizer.encode("Once")
     many = Model.load(STORIES, workers=[(workers.addrs[0], None)])
     assert _greedy(many, ids, 10) == _greedy(one, ids, 10)
+
+
+def test_grpc_session_serves_the_same_steps(workers):
+    """The Session RPC (the gRPC twin of the step channel) gives the same partial sums."""
+    import grpc
+    from client.cluster import RemoteNode
+    from proto import tensorlan_pb2_grpc as rpc
+    from proto.wire import from_bytes, to_bytes
+    m = Model.load(STORIES, workers=[(workers.addrs[1], None)], local=False)
+    node = m.remote[0]
+    x = np.random.default_rng(0).standard_normal((2, m.cfg.dim)).astype(np.float32)
+    node.start("ffn", 1, x, 0)
+    want = node.wait()
+    stub = rpc.WorkerStub(grpc.insecure_channel(workers.addrs[1]))
+    reqs = [pb.StepRequest(seq=1, op=pb.OPEN, slice_set_id=node.slice_set_id, ctx=64, kv_dtype="bf16"),
+            pb.StepRequest(seq=2, op=pb.FFN, layer=1, pos=0, tokens=2, x=to_bytes(x)),
+            pb.StepRequest(seq=3, op=pb.LOGITS, layer=0, pos=0, tokens=0, x=b"")]
+    replies = list(stub.Session(iter(reqs), timeout=30))
+    assert [r.seq for r in replies] == [1, 2, 3]
+    assert replies[0].error_code == 0
+    assert np.array_equal(from_bytes(replies[1].y, 2, np.float64), want)
+    assert replies[2].error_code != 0   # zero tokens: refused with a status, session survives

@@ -107,39 +107,48 @@ class Worker(rpc.WorkerServicer):
                  shard.rows, total / 1e6)
         return pb.UploadReply(slice_set_id=sid, bytes_received=total)
 
-    # -- the step channel -------------------------------------------------------------------
+    # -- sessions: the same steps over gRPC (Session) or the TCP step channel ---------------
+    def handle(self, state: dict, req) -> pb.StepReply:
+        """One request of a session -> its reply; errors become an error reply, never a crash."""
+        reply = pb.StepReply(seq=req.seq)
+        try:
+            if req.op == pb.OPEN:
+                state["slices"] = self.open(req)
+            elif state.get("slices") is None:
+                raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "no OPEN before steps")
+            else:
+                t = time.perf_counter()
+                reply.y = to_bytes(self.step(state["slices"], req), REPLY_DTYPE[OPS[req.op]])
+                reply.compute_us = int((time.perf_counter() - t) * 1e6)
+                state["steps"] = state.get("steps", 0) + 1
+        except StepError as e:
+            reply.error_code, reply.error = e.code.value[0], e.message
+        return reply
+
+    def Session(self, request_iterator, context):
+        q8_0.set_threads(self.threads)
+        state = {}
+        for req in request_iterator:
+            yield self.handle(state, req)
+
     def serve_steps(self, conn: socket.socket, addr) -> None:
         q8_0.set_threads(self.threads)  # Numba's thread count is per calling thread
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         f = conn.makefile("rb")
-        slices, steps, t0 = None, 0, time.perf_counter()
+        state, t0 = {}, time.perf_counter()
+        log.info("session %s:%d started", *addr[:2])
         try:
             while True:
                 req, _ = recv_frame(f, pb.StepRequest)
                 if req is None:
                     break
-                reply = pb.StepReply(seq=req.seq)
-                try:
-                    if req.op == pb.OPEN:
-                        slices = self.open(req)
-                        log.info("session %s:%d opened %s (ctx %d, kv %s)", *addr[:2],
-                                 req.slice_set_id, req.ctx, req.kv_dtype)
-                    elif slices is None:
-                        raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "no OPEN before steps")
-                    else:
-                        t = time.perf_counter()
-                        reply.y = to_bytes(self.step(slices, req), REPLY_DTYPE[OPS[req.op]])
-                        reply.compute_us = int((time.perf_counter() - t) * 1e6)
-                        steps += 1
-                except StepError as e:
-                    reply.error_code, reply.error = e.code.value[0], e.message
-                send_frame(conn, reply)
+                send_frame(conn, self.handle(state, req))
         except (WireError, OSError) as e:
             log.info("session %s:%d: %s", *addr[:2], e)
         finally:
             conn.close()
-            log.info("session %s:%d closed after %d steps, %.1f s", *addr[:2], steps,
-                     time.perf_counter() - t0)
+            log.info("session %s:%d closed after %d steps, %.1f s", *addr[:2],
+                     state.get("steps", 0), time.perf_counter() - t0)
 
     def open(self, req) -> SliceSet:
         with self.lock:
