@@ -64,7 +64,7 @@ class Worker(rpc.WorkerServicer):
     # -- gRPC ------------------------------------------------------------------------------
     def Hello(self, request, context):
         return pb.HelloReply(protocol_version=PROTOCOL_VERSION, worker_id=self.id,
-                             cores=os.cpu_count() or 1, threads=self.threads,
+                             cores=len(os.sched_getaffinity(0)), threads=self.threads,
                              memory_bytes=available_memory(), speed_gb_s=self.speed,
                              data_port=self.data_port)
 
