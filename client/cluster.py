@@ -21,7 +21,7 @@ from client.errors import UserError
 from client.progress import Progress
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
-from proto.wire import (PROTOCOL_VERSION, REPLY_DTYPE, WireError, from_bytes, pack_tensor, recv_frame,
+from proto.wire import (PROTOCOL_VERSION, REPLY_DTYPE, FrameReader, WireError, from_bytes, pack_tensor,
                         send_frame, to_bytes)
 
 OPS = {"attention": pb.ATTENTION, "ffn": pb.FFN, "logits": pb.LOGITS}
@@ -79,7 +79,7 @@ class RemoteNode:
         self.channel = grpc.insecure_channel(addr, options=[
             ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
         self.stub = rpc.WorkerStub(self.channel)
-        self.sock = self.file = None
+        self.sock = self.frames = None
         self.seq = 0
         self.token = 0           # set by the model: which forward pass the calls belong to
         self.calls: list[Call] = []
@@ -133,7 +133,7 @@ class RemoteNode:
                             f"unreachable ({e.strerror or e}); open it in the firewall")
         self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.file = self.sock.makefile("rb")
+        self.frames = FrameReader(self.sock)
         self._request(pb.StepRequest(op=pb.OPEN, slice_set_id=self.slice_set_id, ctx=ctx,
                                      kv_dtype=kv_dtype))
         self._reply()
@@ -145,7 +145,7 @@ class RemoteNode:
 
     def _reply(self):
         try:
-            rep, n = recv_frame(self.file, pb.StepReply)
+            rep, n = self.frames.read(pb.StepReply)
         except (WireError, OSError) as e:
             raise UserError(f"worker {self.addr}: step channel broke ({e})")
         if rep is None:

@@ -9,7 +9,7 @@ from conftest import ROOT, STORIES
 from client.generate import generate
 from client.model import Model
 from proto import tensorlan_pb2 as pb
-from proto.wire import recv_frame, send_frame
+from proto.wire import FrameReader, send_frame
 
 pytestmark = pytest.mark.slow
 
@@ -108,11 +108,11 @@ def test_worker_answers_bad_steps_and_keeps_serving(workers):
     node = RemoteNode(workers.addrs[0])
     info = node.hello()
     s = socket.create_connection(("127.0.0.1", info.data_port))
-    f = s.makefile("rb")
+    frames = FrameReader(s)
     for req in (pb.StepRequest(op=pb.FFN, layer=0, tokens=1, x=b"\0" * 256),       # no OPEN
                 pb.StepRequest(op=pb.OPEN, slice_set_id="nope", ctx=16, kv_dtype="bf16")):
         send_frame(s, req)
-        rep, _ = recv_frame(f, pb.StepReply)
+        rep, _ = frames.read(pb.StepReply)
         assert rep.error_code != 0 and rep.error
     s.close()
     # still serving a real session

@@ -27,7 +27,7 @@ from client.errors import UserError
 from client.slices import KV_DTYPES, Shard, SliceSet
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
-from proto.wire import (PROTOCOL_VERSION, REPLY_DTYPE, WireError, from_bytes, recv_frame, send_frame,
+from proto.wire import (PROTOCOL_VERSION, REPLY_DTYPE, FrameReader, WireError, from_bytes, send_frame,
                         to_bytes, unpack_tensor)
 from quant import q8_0
 
@@ -134,12 +134,12 @@ class Worker(rpc.WorkerServicer):
     def serve_steps(self, conn: socket.socket, addr) -> None:
         q8_0.set_threads(self.threads)  # Numba's thread count is per calling thread
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        f = conn.makefile("rb")
+        frames = FrameReader(conn)
         state, t0 = {}, time.perf_counter()
         log.info("session %s:%d started", *addr[:2])
         try:
             while True:
-                req, _ = recv_frame(f, pb.StepRequest)
+                req, _ = frames.read(pb.StepRequest)
                 if req is None:
                     break
                 send_frame(conn, self.handle(state, req))
