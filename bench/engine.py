@@ -12,7 +12,6 @@ bandwidth drifts by +-15% over minutes, so only same-run ratios compare.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys

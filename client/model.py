@@ -25,9 +25,7 @@ from client.config import LlamaConfig
 from client.errors import UserError
 from client.slices import Shard, SliceSet, layer_name, load_matrix, output_name
 from client.tokenizer import Tokenizer
-from quant.q8_0 import Q8Tensor, dequantize
-
-QK = 32
+from quant.q8_0 import QK, Q8Tensor, dequantize
 
 
 def split_counts(total: int, weights: list[float]) -> list[int]:
@@ -169,7 +167,8 @@ class Model:
         return [n for n in self.nodes if isinstance(n, RemoteNode)]
 
     def memory_table(self) -> list[tuple[str, str, int, int]]:
-        """(layer type, quant, bytes, params) per kind of weight, then the KV cache."""
+        """(layer type, quant, bytes, params) per kind of weight held in this process (workers
+        hold the rest), then the KV cache."""
         groups: dict[str, list] = {}
 
         def add(kind, w):

@@ -125,7 +125,6 @@ def test_worker_answers_bad_steps_and_keeps_serving(workers):
 def test_grpc_session_serves_the_same_steps(workers):
     """The Session RPC (the gRPC twin of the step channel) gives the same partial sums."""
     import grpc
-    from client.cluster import RemoteNode
     from proto import tensorlan_pb2_grpc as rpc
     from proto.wire import from_bytes, to_bytes
     m = Model.load(STORIES, workers=[(workers.addrs[1], None)], local=False)

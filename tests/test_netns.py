@@ -5,7 +5,6 @@ import subprocess
 
 import pytest
 
-from cluster_util import wait_ready
 from conftest import ROOT, STORIES
 from netns import Lan
 
