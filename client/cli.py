@@ -160,7 +160,6 @@ def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, wei
         stream = None if as_json else StreamDecoder(model.tokenizer, ids)
         if stream:
             sys.stdout.write(model.tokenizer.decode(ids))
-            stream.shown = model.tokenizer.decode(ids)
             sys.stdout.flush()
 
         def on_token(tok):

@@ -43,24 +43,27 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of ids into text increments. Decoding the whole list each time keeps
-    SentencePiece's spacing right; a trailing U+FFFD (half a UTF-8 character from byte pieces)
-    is held back until the next piece completes it."""
+    """Turns a growing list of ids into text increments, decoding only a short window: the text of
+    ids[prefix:] minus that of ids[prefix:read] is what the new ids add (both decoded from the
+    same start, so SentencePiece's leading-space handling cancels out). A trailing U+FFFD (half a
+    UTF-8 character from byte pieces) is held back until the next piece completes it."""
 
     def __init__(self, tok: Tokenizer, ids: list[int]):
-        self.tok, self.ids, self.shown = tok, list(ids), ""
+        self.tok, self.ids = tok, list(ids)
+        self.read = len(self.ids)
+        self.prefix = max(0, self.read - 6)
 
     def push(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
-        text = self.tok.decode(self.ids)
-        stable = text.rstrip("\ufffd")
-        if not stable.startswith(self.shown):  # decoding shifted earlier text: emit nothing new
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if text.endswith("\ufffd") or not text.startswith(before):
             return ""
-        out, self.shown = stable[len(self.shown):], stable
-        return out
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        out = text[len(self.shown):] if text.startswith(self.shown) else ""
-        self.shown = text
-        return out
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):] if text.startswith(before) else ""

@@ -167,3 +167,16 @@ def test_sharded_bf16_and_f16_checkpoints(tmp_path, story_ids):
         m = Model.load(d, fmt="f32", kv_dtype="f32")
         ref = reference_logits(d, ids)
         assert np.abs(m.forward(ids, 0, all_logits=True) - ref).max() <= 1e-4
+
+
+def test_stream_decoder_pieces_add_up_to_the_full_text():
+    """Streaming (a short decoding window) gives exactly the text of decoding everything, on the
+    Llama 2 tokenizer with multi-byte characters split over byte pieces."""
+    from client.tokenizer import StreamDecoder, Tokenizer
+    tok = Tokenizer(ROOT.parent / "shared/models/llama2-tokenizer")
+    text = "Héllo wörld — 東京 🦙 is a  double space,\nnew line. " * 5
+    ids = tok.encode(text)
+    dec = StreamDecoder(tok, ids[:3])
+    out = tok.decode(ids[:3]) + "".join(dec.push([i]) for i in ids[3:]) + dec.flush()
+    assert out == tok.decode(ids)
+    assert "\ufffd" not in out
