@@ -135,9 +135,8 @@ class Model:
         if p0 + len(ids) > self.ctx:
             raise UserError(f"{p0 + len(ids)} tokens exceed the context of {self.ctx}")
         eps = self.cfg.norm_eps
-        for n in self.nodes:
-            if isinstance(n, RemoteNode):
-                n.token = self.passes
+        for n in self.remote:
+            n.token = self.passes
         self.passes += 1
         x = self.embed(ids)                                                 # [T, D]
         for l in range(self.cfg.n_layers):
@@ -153,8 +152,7 @@ class Model:
         """Every node's result for one block (partial sums [T, D] float64, or logits [T, rows]
         float32, in node order): remote nodes get the step first, then this
         process computes its share while they work, then their replies are read."""
-        remote = [n for n in self.nodes if isinstance(n, RemoteNode)]
-        for n in remote:
+        for n in self.remote:
             n.start(op, layer, xn, p0)
         parts = [None if isinstance(n, RemoteNode) else n.run(op, layer, xn, p0) for n in self.nodes]
         for i, n in enumerate(self.nodes):

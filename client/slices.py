@@ -90,6 +90,21 @@ class AttentionSlice:
     cache_k: np.ndarray          # [nkv, ctx, d]
     cache_v: np.ndarray
 
+    @staticmethod
+    def make(cfg: LlamaConfig, heads: tuple[int, int], wqkv, wo, ctx: int, kv_dtype: str):
+        """The slice of query heads [h0, h1) with the key/value heads they read, empty caches."""
+        g = cfg.group
+        k0, k1 = kv_range(cfg, heads)
+        kv_of_q = np.array([h // g - k0 for h in range(*heads)], np.int64)
+        empty = np.zeros((k1 - k0, 0, cfg.head_dim), KV_DTYPES[kv_dtype])
+        return AttentionSlice(heads, (k0, k1), wqkv, wo, kv_of_q, empty, empty).fresh(ctx, kv_dtype)
+
+    def fresh(self, ctx: int, kv_dtype: str) -> "AttentionSlice":
+        """The same weights with new, empty KV caches [nkv, ctx, d]."""
+        shape = (self.kv_heads[1] - self.kv_heads[0], ctx, self.cache_k.shape[2])
+        return replace(self, cache_k=np.zeros(shape, KV_DTYPES[kv_dtype]),
+                       cache_v=np.zeros(shape, KV_DTYPES[kv_dtype]))
+
     def forward(self, xn: np.ndarray, p0: int, rope) -> np.ndarray:
         # xn [T, D] -> partial [T, D]
         nq = self.heads[1] - self.heads[0]
@@ -116,10 +131,15 @@ class FFNSlice:
         return matmul(self.wdown, h, acc64=True)                           # [T, D] float64
 
 
+def kv_range(cfg: LlamaConfig, heads: tuple[int, int]) -> tuple[int, int]:
+    """The key/value heads [k0, k1) that query heads [h0, h1) read."""
+    return heads[0] // cfg.group, (heads[1] - 1) // cfg.group + 1
+
+
 def _attention_slice(ckpt, cfg, l, heads, fmt, kv_dtype, ctx) -> AttentionSlice:
-    D, d, g = cfg.dim, cfg.head_dim, cfg.group
+    D, d = cfg.dim, cfg.head_dim
     h0, h1 = heads
-    k0, k1 = h0 // g, (h1 - 1) // g + 1  # the kv heads these query heads read
+    k0, k1 = kv_range(cfg, heads)
     q, k, v, o = (layer_name(l, f"self_attn.{x}_proj") for x in "qkvo")
     wqkv = load_stacked(ckpt, [(q, (cfg.n_heads * d, D), (h0 * d, h1 * d)),
                                (k, (cfg.n_kv_heads * d, D), (k0 * d, k1 * d)),
@@ -134,9 +154,7 @@ def _attention_slice(ckpt, cfg, l, heads, fmt, kv_dtype, ctx) -> AttentionSlice:
                          np.concatenate([p.d for p in parts], axis=1), (h1 - h0) * q8.padded(d))
     else:
         wo = load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h0 * d, h1 * d), fmt=fmt)
-    kv_of_q = np.array([h // g - k0 for h in range(h0, h1)], np.int64)
-    cache_k, cache_v = (np.zeros((k1 - k0, ctx, d), KV_DTYPES[kv_dtype]) for _ in range(2))
-    return AttentionSlice(heads, (k0, k1), wqkv, wo, kv_of_q, cache_k, cache_v)
+    return AttentionSlice.make(cfg, heads, wqkv, wo, ctx, kv_dtype)
 
 
 @dataclass
@@ -161,11 +179,7 @@ class SliceSet:
 
     def with_fresh_cache(self, ctx: int, kv_dtype: str) -> "SliceSet":
         """The same weights with new, empty KV caches (one per worker session)."""
-        attn = [None if a is None else replace(
-            a, cache_k=np.zeros((a.kv_heads[1] - a.kv_heads[0], ctx, a.cache_k.shape[2]), KV_DTYPES[kv_dtype]),
-            cache_v=np.zeros((a.kv_heads[1] - a.kv_heads[0], ctx, a.cache_k.shape[2]), KV_DTYPES[kv_dtype]))
-            for a in self.attn]
-        return replace(self, attn=attn)
+        return replace(self, attn=[None if a is None else a.fresh(ctx, kv_dtype) for a in self.attn])
 
     def tensors(self) -> dict:
         """name -> weight (Q8Tensor or float32), in a fixed order: what an upload carries."""
@@ -181,22 +195,15 @@ class SliceSet:
     @staticmethod
     def from_tensors(cfg: LlamaConfig, shard: Shard, tensors: dict, ctx: int, kv_dtype="bf16"):
         """Rebuild a SliceSet from `tensors()` of the same shard (a worker after an upload)."""
-        d, g = cfg.head_dim, cfg.group
-        h0, h1 = shard.heads
-        k0, k1 = h0 // g, (h1 - 1) // g + 1
         s = SliceSet(shard, rope=rope_tables(cfg))
         for l in range(cfg.n_layers):
-            if h1 > h0:
-                kv_of_q = np.array([h // g - k0 for h in range(h0, h1)], np.int64)
-                cache = np.zeros((k1 - k0, 0, d), KV_DTYPES[kv_dtype])
-                s.attn.append(AttentionSlice((h0, h1), (k0, k1), tensors[f"layers.{l}.wqkv"],
-                                             tensors[f"layers.{l}.wo"], kv_of_q, cache, cache))
-            else:
-                s.attn.append(None)
+            s.attn.append(AttentionSlice.make(cfg, shard.heads, tensors[f"layers.{l}.wqkv"],
+                                              tensors[f"layers.{l}.wo"], ctx, kv_dtype)
+                          if shard.heads[1] > shard.heads[0] else None)
             s.ffn.append(FFNSlice(shard.units, tensors[f"layers.{l}.wgu"], tensors[f"layers.{l}.wdown"])
                          if shard.units[1] > shard.units[0] else None)
         s.classifier = tensors["classifier"]
-        return s.with_fresh_cache(ctx, kv_dtype)
+        return s
 
     def run(self, op: str, layer: int, x: np.ndarray, p0: int) -> np.ndarray | None:
         """One step by name: what a worker does with a StepRequest."""
