@@ -54,6 +54,9 @@ def _model_options(f):
                      help="A TOML file of [[worker]] tables (address = \"host:port\", weight = W).")(f)
     f = click.option("--no-local", is_flag=True,
                      help="Compute nothing in this process: the workers hold every slice.")(f)
+    f = click.option("--no-cache", is_flag=True,
+                     help="Send workers every slice again, even those they still hold from an "
+                     "earlier run with the same model and plan (by default only hashes go).")(f)
     f = click.option("--perf-csv", type=click.Path(path_type=Path), default=None,
                      help="Write one row per call to a worker (token, layer, block, worker, rows, "
                      "bytes, compute and round-trip us) to this CSV file.")(f)
@@ -68,7 +71,8 @@ def _workers(workers: str, cluster_file) -> list:
     return out
 
 
-def _load(model_dir, weights, kv_dtype, threads, ctx, quiet=False, workers=(), local=True):
+def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_local, no_cache,
+          quiet=False, **_):
     from client.model import Model
     from client.progress import Progress
     from quant.q8_0 import max_threads, set_threads
@@ -80,15 +84,14 @@ def _load(model_dir, weights, kv_dtype, threads, ctx, quiet=False, workers=(), l
         set_threads(threads)
     bar = None
 
-    def progress(done):
+    def progress(done, total):
         nonlocal bar
-        if bar is None:
-            from client.config import LlamaConfig
-            bar = Progress(LlamaConfig.load(Path(model_dir)).n_layers, "loading", " layers")
+        bar = bar or Progress(total, "quantizing", " tensors")
         bar.update(done)
 
     model = Model.load(model_dir, fmt=weights, kv_dtype=kv_dtype, ctx=ctx,
-                       progress=None if quiet else progress, workers=workers, local=local)
+                       progress=None if quiet else progress, workers=_workers(workers, cluster_file),
+                       local=not no_local, cache=not no_cache)
     if bar:
         bar.close()
     return model
@@ -136,8 +139,7 @@ def _print_memory(model) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (ids, text, speeds) on stdout instead of streaming.")
 @_model_options
-def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, weights, kv_dtype,
-             threads, ctx, workers, cluster_file, no_local, perf_csv):
+def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, **opts):
     """Generate text after PROMPT, streaming it (prompt included) to stdout.
 
     Speed and memory go to stderr: load time, a memory-by-layer-type table, prompt tok/s,
@@ -148,9 +150,8 @@ def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, wei
 
         if n_tokens < 1:
             raise UserError(f"-n {n_tokens}: the number of tokens to generate must be at least 1")
-        _check_prompt(model_dir, prompt, ctx)  # before the (long) load
-        model = _load(model_dir, weights, kv_dtype, threads, ctx,
-                      workers=_workers(workers, cluster_file), local=not no_local)
+        _check_prompt(model_dir, prompt, opts["ctx"])  # before the (long) load
+        model = _load(model_dir, **opts)
         click.echo(f"loaded {model_dir} in {model.load_seconds:.2f} s", err=True)
         _print_memory(model)
         from client.profile import print_nodes, print_pings, write_perf_csv
@@ -176,8 +177,8 @@ def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, wei
         click.echo(f"prompt: {len(ids)} tokens, {res.prompt_tok_s:.2f} tok/s | generation: "
                    f"{len(res.new_ids)} tokens, {res.gen_tok_s:.2f} tok/s, {ms:.2f} ms/token"
                    + rpc_line(model), err=True)
-        if perf_csv:
-            write_perf_csv(model, perf_csv)
+        if opts["perf_csv"]:
+            write_perf_csv(model, opts["perf_csv"])
         if as_json:
             click.echo(json.dumps({
                 "prompt_ids": ids, "new_ids": res.new_ids,
@@ -193,8 +194,7 @@ def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, wei
 @click.argument("text_file", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print {perplexity, n_tokens} as JSON.")
 @_model_options
-def perplexity(model_dir, text_file, as_json, weights, kv_dtype, threads, ctx, workers,
-               cluster_file, no_local, perf_csv):
+def perplexity(model_dir, text_file, as_json, **opts):
     """Perplexity of BOS + TEXT_FILE's tokens (every token after BOS, one pass up to the
     context length)."""
     try:
@@ -204,17 +204,16 @@ def perplexity(model_dir, text_file, as_json, weights, kv_dtype, threads, ctx, w
             text = text_file.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{text_file}: cannot read it as UTF-8 text ({e})")
-        model = _load(model_dir, weights, kv_dtype, threads, ctx, quiet=as_json,
-                      workers=_workers(workers, cluster_file), local=not no_local)
+        model = _load(model_dir, quiet=as_json, **opts)
         ids = model.tokenizer.encode(text, bos=True)
         value, n = ppl(model, ids)
-        if perf_csv:
+        if opts["perf_csv"]:
             from client.profile import write_perf_csv
-            write_perf_csv(model, perf_csv)
+            write_perf_csv(model, opts["perf_csv"])
         if as_json:
             click.echo(json.dumps({"perplexity": value, "n_tokens": n}))
         else:
-            click.echo(f"perplexity {value:.4f} over {n} tokens ({weights} weights)")
+            click.echo(f"perplexity {value:.4f} over {n} tokens ({opts['weights']} weights)")
     except UserError as e:
         _fail(str(e))
 

@@ -10,9 +10,13 @@ Every call is timed: `calls` keeps one record per step for matmul_perf.csv and t
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -60,6 +64,43 @@ def load_cluster_file(path) -> list[tuple[str, float | None]]:
                         "address = \"host:port\" and an optional weight")
 
 
+def cache_root() -> Path:
+    """$TENSORLAN_CACHE, else $XDG_CACHE_HOME/tensorlan, else ~/.cache/tensorlan: the client's
+    upload manifests and (worker/cache.py) a worker's received slices."""
+    return Path(os.environ.get("TENSORLAN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tensorlan"))
+
+
+def manifest_key(ckpt, config_json: str, fmt: str, shard) -> Path:
+    """Where the manifest of a shard's upload is kept: named by a hash of the checkpoint's files
+    (path, size, modification time), the config, the format, the shard and the protocol."""
+    h = hashlib.sha256(f"{PROTOCOL_VERSION} {fmt} {shard} {config_json}".encode())
+    for f in ckpt.files:
+        st = f.path.stat()
+        h.update(f"{f.path.resolve()} {st.st_size} {st.st_mtime_ns}".encode())
+    return cache_root() / "manifests" / f"{h.hexdigest()[:32]}.json"
+
+
+def read_manifest(path: Path) -> list | None:
+    """The TensorInfos (name, dtype, shape, bytes, sha256) of an earlier upload, if any."""
+    try:
+        return [pb.TensorInfo(name=t["name"], dtype=t["dtype"], shape=t["shape"], nbytes=t["nbytes"],
+                              sha256=bytes.fromhex(t["sha256"])) for t in json.loads(path.read_text())]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_manifest(path: Path, infos: list) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
+                                    "nbytes": t.nbytes, "sha256": t.sha256.hex()} for t in infos]))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # no manifest: the next load uploads again
+
+
 @dataclass
 class Call:
     token: int
@@ -98,32 +139,58 @@ class RemoteNode:
         self.info = h
         return h
 
-    def upload(self, slices, config_json: str, label: str = "") -> None:
-        entries = [pack_tensor(n, w) for n, w in slices.tensors().items()]
-        sh = slices.shard
-        header = pb.UploadHeader(config_json=config_json, head_begin=sh.heads[0], head_end=sh.heads[1],
-                                 unit_begin=sh.units[0], unit_end=sh.units[1], row_begin=sh.rows[0],
-                                 row_end=sh.rows[1], tensors=[e[0] for e in entries])
-        total = sum(e[0].nbytes for e in entries)
-        bar = Progress(total, f"upload {label or self.addr}", " MB", 1e6)
+    def upload(self, shard, loaders, config_json: str, total: int, manifest=None) -> list:
+        """Send this worker its shard: `loaders` [(name, load)] in order (see slices.shard_tensors),
+        quantized one at a time as the stream goes. With a `manifest` (the TensorInfos of an
+        earlier upload of the same model and plan) the tensors the worker still holds go as
+        hashes only, and are not even quantized here. Returns the manifest of this upload."""
+        have = [False] * len(loaders)
+        if manifest and len(manifest) == len(loaders):
+            try:
+                have = list(self.stub.Have(pb.HaveRequest(sha256=[t.sha256 for t in manifest]),
+                                           timeout=HELLO_TIMEOUT).have)
+            except grpc.RpcError:
+                pass
+        header = pb.UploadHeader(config_json=config_json, head_begin=shard.heads[0],
+                                 head_end=shard.heads[1], unit_begin=shard.units[0],
+                                 unit_end=shard.units[1], row_begin=shard.rows[0], row_end=shard.rows[1],
+                                 total_bytes=total)
+        bar = Progress(total, f"upload {self.addr}", " MB", 1e6)
+        infos = []
 
         def chunks():
             yield pb.UploadChunk(header=header)
-            sent = 0
-            for _, parts in entries:
+            done = 0
+            for i, (name, load) in enumerate(loaders):
+                if have[i]:
+                    info = pb.TensorInfo()
+                    info.CopyFrom(manifest[i])
+                    info.cached = True
+                    infos.append(manifest[i])
+                    yield pb.UploadChunk(tensor=info)
+                    done += info.nbytes
+                    bar.update(done)
+                    continue
+                info, parts = pack_tensor(name, load())
+                infos.append(info)
+                yield pb.UploadChunk(tensor=info)
                 for p in parts:
-                    for i in range(0, len(p), CHUNK):
-                        yield pb.UploadChunk(data=p[i:i + CHUNK])
-                        sent += min(CHUNK, len(p) - i)
-                        bar.update(sent)
+                    for k in range(0, len(p), CHUNK):
+                        yield pb.UploadChunk(data=bytes(p[k:k + CHUNK]))
+                        done += min(CHUNK, len(p) - k)
+                        bar.update(done)
 
         try:
             reply = self.stub.Upload(chunks())
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and any(have):  # evicted meanwhile
+                bar.close()
+                return self.upload(shard, loaders, config_json, total)
             raise UserError(f"worker {self.addr} refused the upload: {e.details()}")
         bar.close()
-        self.slice_set_id = reply.slice_set_id
-        self.shard = slices.shard
+        self.slice_set_id, self.shard = reply.slice_set_id, shard
+        self.uploaded_bytes = reply.bytes_received
+        return infos
 
     def open(self, ctx: int, kv_dtype: str) -> None:
         try:

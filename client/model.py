@@ -20,10 +20,12 @@ import numpy as np
 
 from client import kernels
 from client.checkpoint import Checkpoint
-from client.cluster import RemoteNode
+from client.cluster import RemoteNode, manifest_key, read_manifest, write_manifest
 from client.config import LlamaConfig
 from client.errors import UserError
-from client.slices import Shard, SliceSet, layer_name, load_matrix, output_name
+from client.memory import available_memory
+from client.slices import (Shard, SliceSet, matrix_nbytes, layer_name, load_matrix, output_name,
+                           shard_nbytes, shard_tensors)
 from client.tokenizer import Tokenizer
 from quant.q8_0 import QK, Q8Tensor, dequantize
 
@@ -62,6 +64,59 @@ def node_weights(remote: list, local: bool) -> list[float]:
     return ([measure_speed()] if local else []) + [r.info.speed_gb_s for r in remote]
 
 
+def water_fill(weights: list[float], caps: list[float]) -> list[float] | None:
+    """Fractions in proportion to `weights`, none above its cap (what is cut is shared among the
+    rest, again by weight); None if the caps sum to less than 1."""
+    w = np.asarray(weights, np.float64)
+    cap = np.asarray(caps, np.float64)
+    fixed = np.zeros(len(w), bool)
+    p = np.zeros(len(w))
+    while True:
+        mass = 1.0 - cap[fixed].sum()
+        free = ~fixed
+        if mass < 0 or not free.any():
+            return None if mass > 1e-12 or mass < 0 else np.where(fixed, cap, 0.0).tolist()
+        p = np.where(fixed, cap, mass * w / w[free].sum())
+        over = free & (p > cap)
+        if not over.any():
+            return p.tolist()
+        fixed |= over
+
+
+def plan_in_memory(model_dir, cfg: LlamaConfig, weights: list[float], remote: list, local: bool,
+                   fmt: str, kv_dtype: str, ctx: int) -> list[Shard]:
+    """plan_shards, with no node given more than fits its memory (what does not fit goes to the
+    others, by weight); if the model cannot fit at all, a UserError before anything is loaded."""
+    whole = Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size))
+    total = shard_nbytes(cfg, whole, fmt, ctx, kv_dtype)
+    margin = 64 << 20          # the runtime's own allocations while loading
+    room = ([available_memory()] if local else []) + [
+        (r.info.memory_bytes, f"available on worker {r.addr}") for r in remote]
+    names = (["this host"] if local else []) + [f"worker {r.addr}" for r in remote]
+    extra = ([matrix_nbytes(cfg.vocab_size, cfg.dim, fmt)] if local else []) + [0] * len(remote)
+    if not remote:  # everything in this process (several in-process slice sets: tests)
+        weights = [1.0]
+    caps = [max(0.0, (r - margin - e) / (total * 1.02)) for (r, _), e in zip(room, extra)]
+    for _ in range(8):
+        frac = water_fill(weights, caps)
+        if frac is None:
+            break
+        shards = plan_shards(cfg, frac)
+        need = [int(shard_nbytes(cfg, sh, fmt, ctx, kv_dtype) * 1.02) + margin + e
+                for sh, e in zip(shards, extra)]
+        over = [i for i, (n, (r, _)) in enumerate(zip(need, room)) if n > r]
+        if not over:
+            return shards
+        for i in over:  # whole heads and blocks of 32 units: rounding overshot; aim lower
+            caps[i] = max(0.0, caps[i] - (need[i] - room[i][0]) / total - 1e-3)
+    i = int(np.argmin(caps))
+    want = weights[i] / sum(weights) * total * 1.02 + margin + extra[i]
+    raise UserError(f"{model_dir}: the model needs {total / 1e9:.2f} GB ({fmt}, KV cache for {ctx} "
+                    f"positions) and does not fit: {names[i]}'s share needs {want / 1e9:.2f} GB but "
+                    f"it has {room[i][0] / 1e9:.2f} GB ({room[i][1]}). Add workers (--workers), "
+                    "lower --ctx, or free memory")
+
+
 @dataclass
 class Model:
     cfg: LlamaConfig
@@ -79,10 +134,11 @@ class Model:
 
     @staticmethod
     def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=None, progress=None,
-             workers=(), local=True):
+             workers=(), local=True, cache=True):
         """Load a model; with `workers` [(host:port, weight or None)], spread it over them (and
         this process unless local=False), in proportion to the weights, by default each node's
-        measured speed."""
+        measured speed. Every node's share is checked against its memory before anything is
+        loaded; workers get theirs streamed (and, with `cache`, only what they do not hold)."""
         t0 = time.perf_counter()
         model_dir = Path(model_dir)
         cfg = LlamaConfig.load(model_dir)
@@ -92,6 +148,15 @@ class Model:
                             f"config.json vocab_size is {cfg.vocab_size}; use the model's own tokenizer")
         ckpt = Checkpoint(model_dir)
         ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
+        if not local and not workers:
+            raise UserError("no nodes: --no-local needs --workers")
+        remote = [RemoteNode(addr, w) for addr, w in workers]
+        for r in remote:
+            r.hello()
+        weights = list(weights or node_weights(remote, local))
+        shards = plan_in_memory(model_dir, cfg, weights, remote, local, fmt, kv_dtype, ctx)
+        if not remote:  # several in-process slice sets: tests of the slicing
+            shards = plan_shards(cfg, weights)
         D = cfg.dim
         norm = lambda name: ckpt.f32(name, (D,))  # noqa: E731
         attn_norm = [norm(layer_name(l, "input_layernorm")) for l in range(cfg.n_layers)]
@@ -99,24 +164,22 @@ class Model:
         final_norm = norm("model.norm.weight")
         emb_name = "model.embed_tokens.weight"
         embedding = load_matrix(ckpt, emb_name, (cfg.vocab_size, D), fmt=fmt)
-        remote = [RemoteNode(addr, w) for addr, w in workers]
-        for r in remote:
-            r.hello()
-        if weights is None:
-            weights = node_weights(remote, local)
-        if not local and not remote:
-            raise UserError("no nodes: --no-local needs --workers")
-        shards = plan_shards(cfg, list(weights))
         tied = output_name(cfg, ckpt) == emb_name
+        config_json = (model_dir / "config.json").read_text()
         nodes = []
         for i, sh in enumerate(shards):
-            node = SliceSet.build(ckpt, cfg, sh, fmt, kv_dtype, ctx, progress=progress,
-                                  classifier=embedding if tied and sh.rows == (0, cfg.vocab_size) else None)
-            j = i - (1 if local else 0)
-            if j >= 0 and remote:  # a worker's shard: quantized here, uploaded, dropped
-                remote[j].upload(node, (model_dir / "config.json").read_text())
-                remote[j].open(ctx, kv_dtype)
-                node = remote[j]
+            whole = embedding if tied and sh.rows == (0, cfg.vocab_size) else None
+            if not remote or (local and i == 0):  # (several in-process slice sets: tests)
+                nodes.append(SliceSet.build(ckpt, cfg, sh, fmt, kv_dtype, ctx, whole, progress))
+                continue
+            node = remote[i - local]
+            key = manifest_key(ckpt, config_json, fmt, sh) if cache else None
+            loaders = shard_tensors(ckpt, cfg, sh, fmt, whole)
+            infos = node.upload(sh, loaders, config_json, shard_nbytes(cfg, sh, fmt),
+                                read_manifest(key) if key else None)
+            if key:
+                write_manifest(key, infos)
+            node.open(ctx, kv_dtype)
             nodes.append(node)
         m = Model(cfg, tok, embedding, attn_norm, ffn_norm, final_norm, nodes, fmt, kv_dtype, ctx)
         m.load_seconds = time.perf_counter() - t0

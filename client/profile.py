@@ -20,7 +20,9 @@ def print_nodes(model) -> None:
         return
     for i, n in enumerate(model.nodes):
         if isinstance(n, RemoteNode):
-            sh, who = n.shard, f"{n.addr} ({n.info.cores} cores, {n.info.speed_gb_s:.1f} GB/s)"
+            sent = f"{n.uploaded_bytes / 1e6:,.1f} MB uploaded" if n.uploaded_bytes else "all cached there"
+            sh, who = n.shard, (f"{n.addr} ({n.info.cores} cores, {n.info.speed_gb_s:.1f} GB/s, "
+                                f"{n.info.memory_bytes / 1e9:.1f} GB free, {sent})")
         else:
             sh, who = n.shard, "this process"
         _echo(f"node {i}: {who}: heads {sh.heads[0]}-{sh.heads[1]}, ffn units {sh.units[0]}-"

@@ -136,25 +136,78 @@ def kv_range(cfg: LlamaConfig, heads: tuple[int, int]) -> tuple[int, int]:
     return heads[0] // cfg.group, (heads[1] - 1) // cfg.group + 1
 
 
-def _attention_slice(ckpt, cfg, l, heads, fmt, kv_dtype, ctx) -> AttentionSlice:
+def _load_wqkv(ckpt, cfg, l, heads, fmt):
+    """[Wq rows of the heads; Wk rows; Wv rows of their kv heads] as one matrix."""
     D, d = cfg.dim, cfg.head_dim
-    h0, h1 = heads
-    k0, k1 = kv_range(cfg, heads)
-    q, k, v, o = (layer_name(l, f"self_attn.{x}_proj") for x in "qkvo")
-    wqkv = load_stacked(ckpt, [(q, (cfg.n_heads * d, D), (h0 * d, h1 * d)),
+    (h0, h1), (k0, k1) = heads, kv_range(cfg, heads)
+    q, k, v = (layer_name(l, f"self_attn.{x}_proj") for x in "qkv")
+    return load_stacked(ckpt, [(q, (cfg.n_heads * d, D), (h0 * d, h1 * d)),
                                (k, (cfg.n_kv_heads * d, D), (k0 * d, k1 * d)),
                                (v, (cfg.n_kv_heads * d, D), (k0 * d, k1 * d))], fmt=fmt)
+
+
+def _load_wo(ckpt, cfg, l, heads, fmt):
+    """The columns of Wo that the heads' outputs meet."""
+    D, d = cfg.dim, cfg.head_dim
+    h0, h1 = heads
+    o = layer_name(l, "self_attn.o_proj")
     if fmt == "q8_0" and d % q8.QK:
         # Q8_0 blocks of Wo run along its columns = head outputs: with head_dim not a multiple
         # of 32, each head is quantized on its own (padded), so that a block never spans two
         # heads and any cut by heads gives the same blocks, hence the same output
         parts = [load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h * d, (h + 1) * d))
                  for h in range(h0, h1)]
-        wo = q8.Q8Tensor(np.concatenate([p.q for p in parts], axis=1),
-                         np.concatenate([p.d for p in parts], axis=1), (h1 - h0) * q8.padded(d))
+        return q8.Q8Tensor(np.concatenate([p.q for p in parts], axis=1),
+                           np.concatenate([p.d for p in parts], axis=1), (h1 - h0) * q8.padded(d))
+    return load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h0 * d, h1 * d), fmt=fmt)
+
+
+def matrix_nbytes(rows: int, cols: int, fmt: str) -> int:
+    return rows * q8.padded(cols) // q8.QK * (q8.QK + 2) if fmt == "q8_0" else rows * cols * 4
+
+
+def shard_nbytes(cfg: LlamaConfig, shard: Shard, fmt="q8_0", ctx: int = 0, kv_dtype="bf16") -> int:
+    """Bytes a node holding `shard` needs for its weights (and, given ctx, its KV caches),
+    from the shapes alone: for planning and memory checks before anything is loaded."""
+    D, F, d = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    nq = shard.heads[1] - shard.heads[0]
+    nkv = (lambda k: k[1] - k[0])(kv_range(cfg, shard.heads)) if nq else 0
+    nu = shard.units[1] - shard.units[0]
+    d_wo = q8.padded(d) if fmt == "q8_0" else d  # Wo's head columns, padded per head (see _load_wo)
+    layer = 0
+    if nq:
+        layer += matrix_nbytes((nq + 2 * nkv) * d, D, fmt) + matrix_nbytes(D, nq * d_wo, fmt)
+        layer += 2 * nkv * ctx * d * np.dtype(KV_DTYPES[kv_dtype]).itemsize
+    if nu:
+        layer += matrix_nbytes(2 * nu, D, fmt) + matrix_nbytes(D, nu, fmt)
+    return cfg.n_layers * layer + matrix_nbytes(shard.rows[1] - shard.rows[0], D, fmt)
+
+
+def shard_tensors(ckpt: Checkpoint, cfg: LlamaConfig, shard: Shard, fmt="q8_0", classifier=None):
+    """A shard's weights in a fixed order, each as (name, load): load() quantizes (or copies)
+    it out of the mapped checkpoint, dropping the pages it read. Lazy, so that an upload can
+    stream them one at a time and skip those a worker already holds. `classifier` reuses an
+    already loaded output matrix (tied embeddings)."""
+    D, F = cfg.dim, cfg.ffn_dim
+    h, (u0, u1), (r0, r1) = shard.heads, shard.units, shard.rows
+    out = []
+    for l in range(cfg.n_layers):
+        n = lambda what, l=l: layer_name(l, what)  # noqa: E731
+        if h[1] > h[0]:  # a node may hold FFN units and no heads
+            out.append((f"layers.{l}.wqkv", lambda l=l: _load_wqkv(ckpt, cfg, l, h, fmt)))
+            out.append((f"layers.{l}.wo", lambda l=l: _load_wo(ckpt, cfg, l, h, fmt)))
+        if u1 > u0:
+            out.append((f"layers.{l}.wgu", lambda n=n: load_stacked(
+                ckpt, [(n("mlp.gate_proj"), (F, D), (u0, u1)), (n("mlp.up_proj"), (F, D), (u0, u1))],
+                fmt=fmt)))
+            out.append((f"layers.{l}.wdown", lambda n=n: load_matrix(
+                ckpt, n("mlp.down_proj"), (D, F), cols=(u0, u1), fmt=fmt)))
+    if classifier is not None:
+        out.append(("classifier", lambda: classifier))
     else:
-        wo = load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h0 * d, h1 * d), fmt=fmt)
-    return AttentionSlice.make(cfg, heads, wqkv, wo, ctx, kv_dtype)
+        out.append(("classifier", lambda: load_matrix(ckpt, output_name(cfg, ckpt), (cfg.vocab_size, D),
+                                                      (r0, r1), fmt=fmt)))
+    return out
 
 
 @dataclass
@@ -216,33 +269,12 @@ class SliceSet:
     @staticmethod
     def build(ckpt: Checkpoint, cfg: LlamaConfig, shard: Shard, fmt="q8_0", kv_dtype="bf16",
               ctx: int | None = None, classifier=None, progress=None) -> "SliceSet":
-        """Quantize (or copy) this shard's rows and columns out of the mapped checkpoint, layer by
-        layer, dropping each tensor's pages once read. `classifier` reuses an already loaded
-        output matrix (tied embeddings)."""
-        D, F = cfg.dim, cfg.ffn_dim
-        ctx = ctx or cfg.max_seq_len
-        h0, h1 = shard.heads
-        u0, u1 = shard.units
-        s = SliceSet(shard, rope=rope_tables(cfg))
-        for l in range(cfg.n_layers):
-            n = lambda what: layer_name(l, what)  # noqa: E731
-            if h1 == h0:  # a node may hold FFN units and no heads
-                s.attn.append(None)
-            else:
-                s.attn.append(_attention_slice(ckpt, cfg, l, (h0, h1), fmt, kv_dtype, ctx))
-            if u1 > u0:
-                wgu = load_stacked(ckpt, [(n("mlp.gate_proj"), (F, D), (u0, u1)),
-                                          (n("mlp.up_proj"), (F, D), (u0, u1))], fmt=fmt)
-                wdown = load_matrix(ckpt, n("mlp.down_proj"), (D, F), cols=(u0, u1), fmt=fmt)
-                s.ffn.append(FFNSlice((u0, u1), wgu, wdown))
-            else:
-                s.ffn.append(None)
+        """Quantize (or copy) this shard's rows and columns out of the mapped checkpoint, one
+        tensor at a time; progress(done, total) counts tensors."""
+        loaders = shard_tensors(ckpt, cfg, shard, fmt, classifier)
+        tensors = {}
+        for i, (name, load) in enumerate(loaders):
+            tensors[name] = load()
             if progress:
-                progress(l + 1)
-        r0, r1 = shard.rows
-        if classifier is not None:
-            s.classifier = classifier
-        else:
-            name = output_name(cfg, ckpt)
-            s.classifier = load_matrix(ckpt, name, (cfg.vocab_size, D), (r0, r1), fmt=fmt)
-        return s
+                progress(i + 1, len(loaders))
+        return SliceSet.from_tensors(cfg, shard, tensors, ctx or cfg.max_seq_len, kv_dtype)

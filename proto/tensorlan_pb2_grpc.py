@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=proto_dot_tensorlan__pb2.HelloRequest.SerializeToString,
                 response_deserializer=proto_dot_tensorlan__pb2.HelloReply.FromString,
                 _registered_method=True)
+        self.Have = channel.unary_unary(
+                '/tensorlan.Worker/Have',
+                request_serializer=proto_dot_tensorlan__pb2.HaveRequest.SerializeToString,
+                response_deserializer=proto_dot_tensorlan__pb2.HaveReply.FromString,
+                _registered_method=True)
         self.Upload = channel.stream_unary(
                 '/tensorlan.Worker/Upload',
                 request_serializer=proto_dot_tensorlan__pb2.UploadChunk.SerializeToString,
@@ -66,8 +71,18 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Have(self, request, context):
+        """Which of these tensors (by the sha256 of their bytes) the worker already holds, in memory or
+        in its on-disk cache: a client reconnecting with the same model and plan sends only hashes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Upload(self, request_iterator, context):
-        """Upload a node's slices: a header, then chunks of tensor bytes, each checksummed.
+        """Upload a node's slices: a header, then per tensor its description and (unless the worker
+        holds it) its bytes in chunks, checksummed. Streamed: the client quantizes one tensor at a
+        time and never holds a worker's whole shard.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +112,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Hello,
                     request_deserializer=proto_dot_tensorlan__pb2.HelloRequest.FromString,
                     response_serializer=proto_dot_tensorlan__pb2.HelloReply.SerializeToString,
+            ),
+            'Have': grpc.unary_unary_rpc_method_handler(
+                    servicer.Have,
+                    request_deserializer=proto_dot_tensorlan__pb2.HaveRequest.FromString,
+                    response_serializer=proto_dot_tensorlan__pb2.HaveReply.SerializeToString,
             ),
             'Upload': grpc.stream_unary_rpc_method_handler(
                     servicer.Upload,
@@ -141,6 +161,33 @@ class Worker:
             '/tensorlan.Worker/Hello',
             proto_dot_tensorlan__pb2.HelloRequest.SerializeToString,
             proto_dot_tensorlan__pb2.HelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Have(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorlan.Worker/Have',
+            proto_dot_tensorlan__pb2.HaveRequest.SerializeToString,
+            proto_dot_tensorlan__pb2.HaveReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import numpy as np
 from proto import tensorlan_pb2 as pb
 from quant.q8_0 import Q8Tensor, padded
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = 256 << 20
 _LEN = struct.Struct("<I")
 
@@ -72,12 +72,14 @@ class FrameReader:
         return msg, n + 4
 
 
-def pack_tensor(name: str, w) -> tuple[pb.TensorInfo, list[bytes]]:
-    """Q8_0: quants then fp16 scales; f32: the array. Returns the header entry and the bytes."""
+def pack_tensor(name: str, w) -> tuple[pb.TensorInfo, list[memoryview]]:
+    """Q8_0: quants then fp16 scales; f32: the array. Returns the tensor's description and its
+    bytes (views, not copies)."""
+    flat = lambda a: memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # noqa: E731
     if isinstance(w, Q8Tensor):
-        parts, dtype, shape = [w.q.tobytes(), w.d.tobytes()], "q8_0", w.shape
+        parts, dtype, shape = [flat(w.q), flat(w.d)], "q8_0", w.shape
     else:
-        parts, dtype, shape = [np.ascontiguousarray(w, np.float32).tobytes()], "f32", w.shape
+        parts, dtype, shape = [flat(np.asarray(w, np.float32))], "f32", w.shape
     h = hashlib.sha256()
     for p in parts:
         h.update(p)
@@ -93,14 +95,15 @@ def tensor_nbytes(dtype: str, shape) -> int:
     return rows * cols * 4
 
 
-def unpack_tensor(info: pb.TensorInfo, data: bytes):
+def unpack_tensor(info: pb.TensorInfo, data, verify: bool = True):
+    """The tensor over `data` (no copy), after checking its size and (verify) its sha256."""
     if len(info.shape) != 2:
         raise WireError(f"tensor {info.name}: shape {list(info.shape)} is not 2-D")
     rows, cols = info.shape
     if len(data) != tensor_nbytes(info.dtype, info.shape):
         raise WireError(f"tensor {info.name}: {len(data)} bytes, expected "
                         f"{tensor_nbytes(info.dtype, info.shape)}")
-    if hashlib.sha256(data).digest() != info.sha256:
+    if verify and hashlib.sha256(data).digest() != info.sha256:
         raise WireError(f"tensor {info.name}: checksum mismatch")
     if info.dtype == "q8_0":
         nq = rows * padded(cols)

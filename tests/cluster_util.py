@@ -41,12 +41,13 @@ def wait_ready(addr: str, timeout: float = 60.0) -> None:
 
 
 class Workers:
-    def __init__(self, n: int, threads: int = 1, prefix: list[str] | None = None, host="127.0.0.1"):
+    def __init__(self, n: int, threads: int = 1, prefix: list[str] | None = None, host="127.0.0.1",
+                 extra: list[str] = ()):
         self.procs, self.addrs = [], []
         for _ in range(n):
             port = free_port()
             cmd = (prefix or []) + [str(ROOT / "bin" / "worker"), str(port), "--threads",
-                                    str(threads), "--host", host]
+                                    str(threads), "--host", host, *extra]
             self.procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True))
             self.addrs.append(f"{host}:{port}")
         for a in self.addrs:

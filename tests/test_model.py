@@ -180,3 +180,45 @@ def test_stream_decoder_pieces_add_up_to_the_full_text():
     out = tok.decode(ids[:3]) + "".join(dec.push([i]) for i in ids[3:]) + dec.flush()
     assert out == tok.decode(ids)
     assert "\ufffd" not in out
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "f32"])
+def test_shard_nbytes_predicts_what_loading_holds(fmt):
+    """Memory checks use shard_nbytes before loading: it must equal the loaded tensors plus the
+    caches, on stories260K (head_dim 8: Wo padded per head) and the TinyLlama shape (head_dim 64)."""
+    from bench.make_model import make_model
+    from client.checkpoint import Checkpoint
+    from client.slices import Shard, SliceSet, shard_nbytes
+    tiny = make_model(ROOT.parent / "shared/models/shapes/tinyllama-1.1b.json",
+                      ROOT / "models" / "tinyllama-2layer", n_layers=2, verbose=False)
+    for path, shards in ((STORIES, [Shard((0, 3), (0, 64), (0, 100)), Shard((3, 8), (64, 172), (100, 512)),
+                                    Shard((5, 5), (32, 172), (0, 0))]),
+                         (tiny, [Shard((0, 7), (0, 2048), (0, 9000)), Shard((7, 32), (2048, 5632), (9000, 32000))])):
+        cfg, ckpt = LlamaConfig.load(path), Checkpoint(path)
+        for sh in shards:
+            s = SliceSet.build(ckpt, cfg, sh, fmt, "bf16", 40)
+            held = sum(w.nbytes for w in s.tensors().values())
+            held += sum(a.cache_k.nbytes + a.cache_v.nbytes for a in s.attn if a is not None)
+            assert shard_nbytes(cfg, sh, fmt, 40, "bf16") == held, (path, sh)
+
+
+def test_plan_respects_each_nodes_memory(monkeypatch):
+    """A node whose speed-weighted share does not fit its memory gets less; a model that cannot
+    fit at all is refused before anything is loaded, naming the node, the sizes and the fix."""
+    from types import SimpleNamespace
+    import client.model as cm
+    from client.errors import UserError
+    from client.slices import shard_nbytes
+    cfg = LlamaConfig.load(STORIES)
+    big = 10 << 30
+    monkeypatch.setattr(cm, "available_memory", lambda: (big, "test"))
+    worker = lambda mem: SimpleNamespace(addr="w:1", info=SimpleNamespace(memory_bytes=mem))  # noqa: E731
+    even = cm.plan_in_memory(STORIES, cfg, [1, 1], [worker(big)], True, "q8_0", "bf16", 64)
+    assert even == plan_shards(cfg, [1, 1])
+    small = (64 << 20) + shard_nbytes(cfg, even[1], "q8_0", 64) // 2   # room for about half its share
+    shards = cm.plan_in_memory(STORIES, cfg, [1, 1], [worker(small)], True, "q8_0", "bf16", 64)
+    assert shard_nbytes(cfg, shards[1], "q8_0", 64) * 1.02 + (64 << 20) <= small
+    assert shards[1].units[1] - shards[1].units[0] < even[1].units[1] - even[1].units[0]
+    monkeypatch.setattr(cm, "available_memory", lambda: (1 << 20, "memory cgroup limit, /x/memory.limit_in_bytes"))
+    with pytest.raises(UserError, match=r"this host.s share needs .* GB but it has 0.00 GB \(memory cgroup"):
+        Model.load(STORIES)

@@ -1,6 +1,7 @@
-"""bin/worker PORT [--host H] [--threads N] [--data-port P]"""
+"""bin/worker PORT [--host H] [--threads N] [--data-port P] [--cache-dir D] [--cache-size GB] [--no-cache]"""
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -15,14 +16,23 @@ from client.errors import UserError
               help="Compute threads (default: all cores).")
 @click.option("--data-port", type=click.IntRange(1, 65535), default=None,
               help="TCP port of the step channel (default: PORT + 1).")
-def main(port, host, threads, data_port):
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where received slices are kept, by content hash, so a client that reconnects "
+                   "sends only hashes [default: $TENSORLAN_CACHE/slices or ~/.cache/tensorlan/slices].")
+@click.option("--cache-size", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Cache size bound in GB; the least recently used slices are evicted first.")
+@click.option("--no-cache", is_flag=True, help="Keep received slices in memory only.")
+def main(port, host, threads, data_port, cache_dir, cache_size, no_cache):
     """Serve slices of LLaMA models to tensorlan clients until SIGINT or SIGTERM.
 
-    Needs no model files: the client pushes each worker its slices."""
+    Needs no model files: the client pushes each worker its slices (and, with the cache, only
+    once per model and plan)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    from worker.cache import default_cache_dir
     from worker.server import serve
     try:
-        serve(port, host, data_port, threads)
+        serve(port, host, data_port, threads, None if no_cache else (cache_dir or default_cache_dir()),
+              int(cache_size * 1e9))
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -18,14 +18,17 @@ import threading
 import time
 import uuid
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import numpy as np
 
 from client.config import LlamaConfig
 from client.errors import UserError
+from client.memory import available_memory
 from client.slices import KV_DTYPES, Shard, SliceSet
 from proto import tensorlan_pb2 as pb
+from worker.cache import TensorCache
 from proto import tensorlan_pb2_grpc as rpc
 from proto.wire import (PROTOCOL_VERSION, REPLY_DTYPE, FrameReader, WireError, from_bytes, send_frame,
                         tensor_nbytes, to_bytes, unpack_tensor)
@@ -33,17 +36,6 @@ from quant import q8_0
 
 log = logging.getLogger("tensorlan.worker")
 OPS = {pb.ATTENTION: "attention", pb.FFN: "ffn", pb.LOGITS: "logits"}
-
-
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class Uploaded:
@@ -54,8 +46,9 @@ class Uploaded:
 
 
 class Worker(rpc.WorkerServicer):
-    def __init__(self, data_port: int, threads: int):
+    def __init__(self, data_port: int, threads: int, cache: TensorCache):
         self.id = uuid.uuid4().hex[:8]
+        self.cache = cache
         self.data_port, self.threads = data_port, threads
         self.speed = q8_0.measure_speed()
         self.uploads: dict[str, Uploaded] = {}
@@ -65,50 +58,82 @@ class Worker(rpc.WorkerServicer):
     def Hello(self, request, context):
         return pb.HelloReply(protocol_version=PROTOCOL_VERSION, worker_id=self.id,
                              cores=len(os.sched_getaffinity(0)), threads=self.threads,
-                             memory_bytes=available_memory(), speed_gb_s=self.speed,
+                             memory_bytes=available_memory()[0], speed_gb_s=self.speed,
                              data_port=self.data_port)
 
     def Ping(self, request, context):
         return pb.PingReply(payload=request.payload)
 
+    def Have(self, request, context):
+        return pb.HaveReply(have=[self.cache.has(d) for d in request.sha256])
+
     def Upload(self, request_iterator, context):
+        """header, then per tensor: TensorInfo (+ its bytes unless cached). Every tensor is
+        checked against its checksum and the shard is checked complete before it is accepted."""
         try:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("part") != "header":
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload starts with a header")
             h = first.header
+            room, source = available_memory()
+            if h.total_bytes > room:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the shard needs {h.total_bytes / 1e9:.2f} GB, this worker has "
+                              f"{room / 1e9:.2f} GB ({source})")
             cfg = LlamaConfig.from_dict(json.loads(h.config_json), "uploaded config")
             shard = Shard((h.head_begin, h.head_end), (h.unit_begin, h.unit_end), (h.row_begin, h.row_end))
-            # numpy buffers, not bytearrays: numpy advises transparent huge pages for large
-            # arrays, which measured here made the worker's matvecs ~10% faster
-            sizes = [tensor_nbytes(t.dtype, t.shape) for t in h.tensors]
-            bufs = [np.empty(n, np.uint8) for n in sizes]
-            i, filled, total = 0, 0, 0
+            tensors, received, cached, announced = {}, 0, 0, 0
+            info, buf, filled = None, None, 0
             for chunk in request_iterator:
-                if chunk.WhichOneof("part") != "data":
+                part = chunk.WhichOneof("part")
+                if part == "header":
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a second header in one upload")
+                if part == "tensor":
+                    if buf is not None:
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                      f"tensor {info.name}: {filled} of {buf.nbytes} bytes before the next")
+                    info = chunk.tensor
+                    nbytes = tensor_nbytes(info.dtype, info.shape)
+                    announced += nbytes
+                    if announced > h.total_bytes:
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                      f"tensors beyond the {h.total_bytes} bytes the header announced")
+                    if info.cached:
+                        data = self.cache.get(info.sha256, nbytes)
+                        if data is None:
+                            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                          f"tensor {info.name} ({info.sha256.hex()[:16]}) is not cached here")
+                        tensors[info.name] = unpack_tensor(info, data, verify=False)
+                        cached += nbytes
+                    else:
+                        # numpy buffers, not bytearrays: numpy advises transparent huge pages
+                        # for large arrays, which measured here made matvecs ~10% faster
+                        buf, filled = np.empty(nbytes, np.uint8), 0
+                    continue
                 data = memoryview(chunk.data)
-                total += len(data)
-                while data:
-                    if i >= len(bufs):
-                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "more data than the header announced")
-                    take = min(len(data), sizes[i] - filled)
-                    bufs[i][filled:filled + take] = np.frombuffer(data[:take], np.uint8)
-                    data, filled = data[take:], filled + take
-                    if filled == sizes[i]:
-                        i, filled = i + 1, 0
-            if i < len(bufs):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"upload ended at tensor {i} of {len(bufs)}")
-            tensors = {t.name: unpack_tensor(t, b) for t, b in zip(h.tensors, bufs)}
+                if buf is None or filled + len(data) > buf.nbytes:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "more data than the tensor announced")
+                buf[filled:filled + len(data)] = np.frombuffer(data, np.uint8)
+                filled += len(data)
+                received += len(data)
+                if filled == buf.nbytes:
+                    tensors[info.name] = unpack_tensor(info, buf)  # checks the sha256
+                    self.cache.put(info.sha256, buf)
+                    buf = None
+            if buf is not None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"upload ended inside tensor {info.name}")
             SliceSet.from_tensors(cfg, shard, tensors, 1, "f32")  # every tensor the shard needs?
         except (UserError, WireError, KeyError, ValueError, json.JSONDecodeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad upload: {e}")
-        sid = hashlib.sha256(h.SerializeToString()).hexdigest()[:16]
+        digest = hashlib.sha256(h.SerializeToString())
+        for name in sorted(tensors):
+            digest.update(name.encode())
+        sid = digest.hexdigest()[:16]
         with self.lock:
             self.uploads[sid] = Uploaded(cfg, shard, tensors)
-        log.info("upload %s: heads %s units %s rows %s, %.1f MB", sid, shard.heads, shard.units,
-                 shard.rows, total / 1e6)
-        return pb.UploadReply(slice_set_id=sid, bytes_received=total)
+        log.info("upload %s: heads %s units %s rows %s, %.1f MB received, %.1f MB from the cache",
+                 sid, shard.heads, shard.units, shard.rows, received / 1e6, cached / 1e6)
+        return pb.UploadReply(slice_set_id=sid, bytes_received=received)
 
     # -- sessions: the same steps over gRPC (Session) or the TCP step channel ---------------
     def handle(self, state: dict, req) -> pb.StepReply:
@@ -189,13 +214,18 @@ class StepError(Exception):
         self.code, self.message = code, message
 
 
-def serve(port: int, host: str = "127.0.0.1", data_port: int | None = None, threads: int | None = None):
-    """Run until SIGINT / SIGTERM."""
+def serve(port: int, host: str = "127.0.0.1", data_port: int | None = None, threads: int | None = None,
+          cache_dir: Path | None = None, cache_bytes: int = 20 << 30):
+    """Run until SIGINT / SIGTERM. cache_dir=None keeps received tensors in memory only."""
     if threads:
         q8_0.set_threads(threads)
     data_port = data_port or port + 1
     lsock = socket.create_server((host, data_port), reuse_port=False)
-    worker = Worker(data_port, q8_0.nb.get_num_threads())
+    try:
+        cache = TensorCache(cache_dir, cache_bytes)
+    except OSError as e:
+        raise UserError(f"--cache-dir {cache_dir}: {e.strerror}; choose a writable directory or --no-cache")
+    worker = Worker(data_port, q8_0.nb.get_num_threads(), cache)
     server = grpc.server(futures.ThreadPoolExecutor(8), options=[
         ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
     rpc.add_WorkerServicer_to_server(worker, server)
@@ -215,8 +245,9 @@ def serve(port: int, host: str = "127.0.0.1", data_port: int | None = None, thre
     threading.Thread(target=accept, daemon=True).start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("worker %s serving on %s:%d (steps on %d), %d threads, %.1f GB/s", worker.id, host,
-             port, data_port, worker.threads, worker.speed)
+    log.info("worker %s serving on %s:%d (steps on %d), %d threads, %.1f GB/s, cache %s", worker.id,
+             host, port, data_port, worker.threads, worker.speed,
+             f"{cache_dir} ({cache.disk_bytes() / 1e9:.2f} of {cache_bytes / 1e9:.0f} GB)" if cache_dir else "off")
     stop.wait()
     lsock.close()
     server.stop(1).wait()

@@ -1,0 +1,68 @@
+"""How much memory this process may still use: the machine's available memory, or less when the
+process runs in a memory cgroup with a limit (cgroup v1 `memory.limit_in_bytes` or v2
+`memory.max`), which is how a container or an emulated small host is capped."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" else int(text)
+
+
+def _meminfo(key: str) -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cgroup_room() -> tuple[int, str] | None:
+    """(bytes left under this process's memory cgroup limit, the limit file), if limited. The
+    page cache counts as usage in a cgroup but is reclaimed first, so it is not subtracted."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):                     # cgroup v1
+            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            limit_file, usage_file, stat_file = "memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat"
+            cache_key = "total_cache"
+        elif controllers == "":                                    # cgroup v2
+            base = Path("/sys/fs/cgroup") / path.lstrip("/")
+            limit_file, usage_file, stat_file = "memory.max", "memory.current", "memory.stat"
+            cache_key = "file"
+        else:
+            continue
+        limit, usage = _read_int(base / limit_file), _read_int(base / usage_file)
+        if limit is None or usage is None or limit >= 1 << 60:
+            continue
+        cache = 0
+        try:
+            for s in (base / stat_file).read_text().splitlines():
+                k, _, v = s.partition(" ")
+                if k == cache_key:
+                    cache = int(v)
+        except (OSError, ValueError):
+            pass
+        return max(0, limit - usage + cache), str(base / limit_file)
+    return None
+
+
+def available_memory() -> tuple[int, str]:
+    """(bytes this process may still allocate, where that figure comes from)."""
+    avail = _meminfo("MemAvailable")
+    room = cgroup_room()
+    if room and room[0] < avail:
+        return room[0], f"memory cgroup limit, {room[1]}"
+    return avail, "MemAvailable in /proc/meminfo"

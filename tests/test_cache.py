@@ -1,0 +1,118 @@
+"""Weights cached on workers: a reconnecting client sends hashes, not tensors; the cache is
+bounded (least recently used first), survives a worker restart, and a damaged file is caught."""
+import hashlib
+import os
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from cluster_util import Workers
+from conftest import STORIES
+from client.generate import generate
+from client.model import Model
+from proto import tensorlan_pb2 as pb
+from proto import tensorlan_pb2_grpc as rpc
+from worker.cache import TensorCache
+
+pytestmark = pytest.mark.slow
+
+
+def _greedy(model, n=20):
+    return generate(model, model.tokenizer.encode("Once upon a time"), n).new_ids
+
+
+def test_reconnect_sends_hashes_only_and_survives_a_restart(tmp_path):
+    want = _greedy(Model.load(STORIES))
+    cache = tmp_path / "slices"
+    w = Workers(1, extra=["--cache-dir", str(cache)])
+    try:
+        first = Model.load(STORIES, workers=[(w.addrs[0], None)], local=False)
+        assert first.remote[0].uploaded_bytes > 0 and _greedy(first) == want
+        again = Model.load(STORIES, workers=[(w.addrs[0], None)], local=False)
+        assert again.remote[0].uploaded_bytes == 0 and _greedy(again) == want
+        forced = Model.load(STORIES, workers=[(w.addrs[0], None)], local=False, cache=False)
+        assert forced.remote[0].uploaded_bytes == first.remote[0].uploaded_bytes
+    finally:
+        w.stop()
+    w = Workers(1, extra=["--cache-dir", str(cache)])   # a new process: from disk
+    try:
+        m = Model.load(STORIES, workers=[(w.addrs[0], None)], local=False)
+        assert m.remote[0].uploaded_bytes == 0 and _greedy(m) == want
+        # a damaged file is noticed, dropped and sent again
+        for p in cache.iterdir():
+            data = bytearray(p.read_bytes())
+            data[0] ^= 1
+            p.write_bytes(bytes(data))
+    finally:
+        w.stop()
+    w = Workers(1, extra=["--cache-dir", str(cache)])
+    try:
+        m = Model.load(STORIES, workers=[(w.addrs[0], None)], local=False)
+        assert m.remote[0].uploaded_bytes == first.remote[0].uploaded_bytes and _greedy(m) == want
+    finally:
+        logs = w.stop()
+    assert "damaged" in logs[0]
+
+
+def test_no_cache_worker_keeps_nothing_on_disk(tmp_path):
+    w = Workers(1, extra=["--cache-dir", str(tmp_path / "c"), "--no-cache"])
+    try:
+        Model.load(STORIES, workers=[(w.addrs[0], None)], local=False)
+        m = Model.load(STORIES, workers=[(w.addrs[0], None)], local=False)
+        assert m.remote[0].uploaded_bytes == 0  # the same process still holds them in memory
+    finally:
+        w.stop()
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_cache_is_bounded_least_recently_used_first(tmp_path):
+    c = TensorCache(tmp_path, limit_bytes=2500)
+    bufs = [np.full(1000, i, np.uint8) for i in range(4)]
+    keys = [hashlib.sha256(b).digest() for b in bufs]
+    for k, b in zip(keys[:2], bufs[:2]):
+        c.put(k, b)
+        time.sleep(0.01)
+    os.utime(tmp_path / keys[0].hex())          # key 0 used again: key 1 is now the oldest
+    c.put(keys[2], bufs[2])
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {keys[0].hex(), keys[2].hex()} and c.disk_bytes() <= 2500
+    c.resident.clear()
+    assert np.array_equal(c.get(keys[0], 1000), bufs[0])
+    assert c.get(keys[1], 1000) is None and not c.has(keys[1])
+    big = np.zeros(3000, np.uint8)               # larger than the whole cache: kept in memory only
+    c.put(hashlib.sha256(big).digest(), big)
+    assert c.disk_bytes() <= 2500
+
+
+def test_bad_uploads_get_a_status_and_the_worker_goes_on(tmp_path):
+    w = Workers(1, extra=["--cache-dir", str(tmp_path)])
+    try:
+        stub = rpc.WorkerStub(grpc.insecure_channel(w.addrs[0]))
+        header = pb.UploadHeader(config_json=(STORIES / "config.json").read_text(), head_end=8,
+                                 unit_end=172, row_end=512, total_bytes=1000)
+        cases = [
+            ([pb.UploadChunk(header=header),   # a tensor not held, announced as cached
+              pb.UploadChunk(tensor=pb.TensorInfo(name="classifier", dtype="q8_0", shape=[4, 64],
+                                                  nbytes=272, sha256=bytes(32), cached=True))],
+             grpc.StatusCode.FAILED_PRECONDITION),
+            ([pb.UploadChunk(header=header),   # more than the header announced
+              pb.UploadChunk(tensor=pb.TensorInfo(name="classifier", dtype="f32", shape=[512, 64]))],
+             grpc.StatusCode.INVALID_ARGUMENT),
+            ([pb.UploadChunk(header=header),   # bytes that do not match their checksum
+              pb.UploadChunk(tensor=pb.TensorInfo(name="x", dtype="f32", shape=[2, 4], nbytes=32,
+                                                  sha256=bytes(32))),
+              pb.UploadChunk(data=bytes(32))], grpc.StatusCode.INVALID_ARGUMENT),
+            ([pb.UploadChunk(header=pb.UploadHeader(config_json="{}", total_bytes=1 << 62))],
+             grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ]
+        for chunks, code in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Upload(iter(chunks), timeout=30)
+            assert e.value.code() == code, e.value.details()
+        assert list(stub.Have(pb.HaveRequest(sha256=[bytes(32)]), timeout=10).have) == [False]
+        m = Model.load(STORIES, workers=[(w.addrs[0], None)], local=False)   # still serving
+        assert _greedy(m, 5) == _greedy(Model.load(STORIES), 5)
+    finally:
+        w.stop()
