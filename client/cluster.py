@@ -25,8 +25,8 @@ from client.errors import UserError
 from client.progress import Progress
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
-from proto.wire import (PROTOCOL_VERSION, REPLY_DTYPE, FrameReader, WireError, from_bytes, pack_tensor,
-                        send_frame, to_bytes)
+from proto.wire import (PROTOCOL_VERSION, FrameReader, WireError, decode, encode, pack_tensor,
+                        request_wire, send_frame)
 
 OPS = {"attention": pb.ATTENTION, "ffn": pb.FFN, "logits": pb.LOGITS}
 CHUNK = 1 << 20
@@ -192,7 +192,7 @@ class RemoteNode:
         self.uploaded_bytes = reply.bytes_received
         return infos
 
-    def open(self, ctx: int, kv_dtype: str) -> None:
+    def open(self, ctx: int, kv_dtype: str, wire: str = "f32") -> None:
         try:
             self.sock = socket.create_connection((self.host, self.info.data_port), timeout=HELLO_TIMEOUT)
         except OSError as e:
@@ -202,7 +202,8 @@ class RemoteNode:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.frames = FrameReader(self.sock)
         self._request(pb.StepRequest(op=pb.OPEN, slice_set_id=self.slice_set_id, ctx=ctx,
-                                     kv_dtype=kv_dtype))
+                                     kv_dtype=kv_dtype, wire=wire))
+        self.wire = wire
         self._reply()
 
     def _request(self, req) -> int:
@@ -224,15 +225,18 @@ class RemoteNode:
     def start(self, op: str, layer: int, x: np.ndarray, pos: int) -> None:
         t = time.perf_counter()
         sent = self._request(pb.StepRequest(op=OPS[op], layer=layer, pos=pos, tokens=x.shape[0],
-                                            x=to_bytes(x)))
-        self._pending = (op, layer, x.shape[0], sent, t)
+                                            x=encode(x, request_wire(self.wire))))
+        self._pending = (op, layer, x.shape, sent, t)
 
     def wait(self) -> np.ndarray:
-        op, layer, T, sent, t = self._pending
+        op, layer, (T, D), sent, t = self._pending
         rep, received = self._reply()
         rtt = int((time.perf_counter() - t) * 1e6)
         try:
-            y = from_bytes(rep.y, T, REPLY_DTYPE[op])
+            if op == "logits":
+                y = decode(rep.y, T, self.shard.rows[1] - self.shard.rows[0], "f32")
+            else:
+                y = decode(rep.y, T, D, self.wire)
         except WireError as e:
             raise UserError(f"worker {self.addr}: malformed reply ({e})")
         self.calls.append(Call(self.token, layer, op, y.shape[1], sent, received, rep.compute_us, rtt))

@@ -134,7 +134,7 @@ class Model:
 
     @staticmethod
     def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=None, progress=None,
-             workers=(), local=True, cache=True):
+             workers=(), local=True, cache=True, wire="f32"):
         """Load a model; with `workers` [(host:port, weight or None)], spread it over them (and
         this process unless local=False), in proportion to the weights, by default each node's
         measured speed. Every node's share is checked against its memory before anything is
@@ -179,7 +179,7 @@ class Model:
                                 read_manifest(key) if key else None)
             if key:
                 write_manifest(key, infos)
-            node.open(ctx, kv_dtype)
+            node.open(ctx, kv_dtype, wire)
             nodes.append(node)
         m = Model(cfg, tok, embedding, attn_norm, ffn_norm, final_norm, nodes, fmt, kv_dtype, ctx)
         m.load_seconds = time.perf_counter() - t0

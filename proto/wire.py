@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from proto import tensorlan_pb2 as pb
-from quant.q8_0 import Q8Tensor, padded
+from quant.q8_0 import Q8Tensor, dequantize, from_bf16, padded, quantize, to_bf16
 
 PROTOCOL_VERSION = 2
 MAX_FRAME = 256 << 20
@@ -115,19 +115,45 @@ def unpack_tensor(info: pb.TensorInfo, data, verify: bool = True):
     raise WireError(f"tensor {info.name}: unknown dtype {info.dtype!r}")
 
 
-# activations go out as float32 [T, D]; partial sums come back float64 (exact-ish, so the sum
-# does not depend on the slicing), logits float32
-REPLY_DTYPE = {"attention": np.float64, "ffn": np.float64, "logits": np.float32}
+# Activations [T, D] and partial sums [T, D] cross the network in the session's wire format:
+#   f64   partial sums exact: the output is the same bit for bit however the model is split
+#   f32   (the default) half the bytes of f64 for the partials; a node's partial is rounded once
+#   bf16  half again
+#   q8_0  blocks of 32 as llama.cpp's Q8_0 (int8 + an fp16 scale): 34 bytes per 32 values, 3.8x
+#         smaller than f32, as distributed-llama syncs; activations lose nothing that the VNNI
+#         kernel's own Q8_0 rounding of them would not (see quant.q8_0.matvec)
+# Requests carry activations in the same format (f32 for f64); logits always travel as f32.
+WIRES = ("f64", "f32", "bf16", "q8_0")
 
 
-def to_bytes(a: np.ndarray, dtype=np.float32) -> bytes:
-    return np.ascontiguousarray(a, dtype).tobytes()
+def encode(a: np.ndarray, wire: str) -> bytes:
+    """[T, n] floats -> bytes in `wire` format."""
+    if wire == "q8_0":
+        w = quantize(np.ascontiguousarray(a, np.float32))
+        return w.q.tobytes() + w.d.tobytes()
+    if wire == "bf16":
+        return to_bf16(np.ascontiguousarray(a, np.float32)).tobytes()
+    return np.ascontiguousarray(a, np.float64 if wire == "f64" else np.float32).tobytes()
 
 
-def from_bytes(b: bytes, rows: int, dtype=np.float32) -> np.ndarray:
-    if len(b) % np.dtype(dtype).itemsize:
-        raise WireError(f"{len(b)} bytes is not a whole number of {np.dtype(dtype).name}")
-    a = np.frombuffer(b, dtype)
-    if rows <= 0 or a.size % rows:
-        raise WireError(f"{a.size} floats do not split into {rows} rows")
-    return a.reshape(rows, -1)
+def decode(b: bytes, rows: int, cols: int, wire: str) -> np.ndarray:
+    """bytes -> [rows, cols] float32 (float64 for f64), checking the size."""
+    per_row = {"f64": cols * 8, "f32": cols * 4, "bf16": cols * 2,
+               "q8_0": padded(cols) // 32 * 34}.get(wire)
+    if per_row is None:
+        raise WireError(f"unknown wire format {wire!r}; one of {', '.join(WIRES)}")
+    if rows <= 0 or len(b) != rows * per_row:
+        raise WireError(f"{len(b)} bytes for [{rows}, {cols}] in {wire}: expected {rows * per_row}")
+    if wire == "q8_0":
+        nq = rows * padded(cols)
+        q = np.frombuffer(b, np.int8, nq).reshape(rows, padded(cols))
+        d = np.frombuffer(b, np.uint16, offset=nq).reshape(rows, padded(cols) // 32)
+        return dequantize(Q8Tensor(q, d, cols))
+    if wire == "bf16":
+        return from_bf16(np.frombuffer(b, np.uint16).reshape(rows, cols))
+    return np.frombuffer(b, np.float64 if wire == "f64" else np.float32).reshape(rows, cols)
+
+
+def request_wire(wire: str) -> str:
+    """Activations going out: f64 partial sums still send f32 activations (the kernels' input)."""
+    return "f32" if wire == "f64" else wire

@@ -101,6 +101,26 @@ def f32_to_bf16_bits(x):
     return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
+@njit(**_JIT)
+def to_bf16(x):
+    """float32 array -> bfloat16 bit patterns (uint16), round to nearest even."""
+    flat = x.ravel()
+    out = np.empty(flat.size, np.uint16)
+    for i in range(flat.size):
+        out[i] = f32_to_bf16_bits(flat[i])
+    return out.reshape(x.shape)
+
+
+@njit(**_JIT)
+def from_bf16(b):
+    """bfloat16 bit patterns (uint16) -> float32 (exact)."""
+    flat = b.ravel()
+    out = np.empty(flat.size, np.float32)
+    for i in range(flat.size):
+        out[i] = bf16_bits_to_f32(flat[i])
+    return out.reshape(b.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # the tensor
 # ---------------------------------------------------------------------------------------------

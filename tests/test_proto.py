@@ -15,3 +15,28 @@ def test_stubs_are_current(tmp_path):
         assert (tmp_path / "proto" / f).read_text() == (ROOT / "proto" / f).read_text(), (
             f"proto/{f} is stale: regenerate with `.venv/bin/python -m grpc_tools.protoc -I. "
             "--python_out=. --grpc_python_out=. proto/tensorlan.proto`")
+
+
+def test_wire_formats_round_trip_as_the_reference_rounds():
+    """Activations and partial sums on the wire: f64 and f32 exact casts, bf16 round to nearest
+    even, q8_0 llama.cpp's blocks (checked against the independent references)."""
+    import numpy as np
+    import pytest
+    from reference import bf16_round_ref, q8_0_roundtrip_ref
+    from proto.wire import WireError, decode, encode
+
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal((3, 96)) * np.array([1e-3, 1.0, 40.0])[:, None]).astype(np.float64)
+    for wire, want, size in [("f64", a, 3 * 96 * 8),
+                             ("f32", a.astype(np.float32), 3 * 96 * 4),
+                             ("bf16", bf16_round_ref(a.astype(np.float32)), 3 * 96 * 2),
+                             ("q8_0", q8_0_roundtrip_ref(a), 3 * 3 * 34)]:
+        b = encode(a, wire)
+        assert len(b) == size, wire
+        got = decode(b, 3, 96, wire)
+        assert got.shape == (3, 96)
+        assert np.array_equal(got.astype(np.float64), np.asarray(want, np.float64)), wire
+        with pytest.raises(WireError):
+            decode(b[:-1], 3, 96, wire)
+    with pytest.raises(WireError):
+        decode(b"", 0, 96, "f32")

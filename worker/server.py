@@ -30,8 +30,8 @@ from client.slices import KV_DTYPES, Shard, SliceSet
 from proto import tensorlan_pb2 as pb
 from worker.cache import TensorCache
 from proto import tensorlan_pb2_grpc as rpc
-from proto.wire import (PROTOCOL_VERSION, REPLY_DTYPE, FrameReader, WireError, from_bytes, send_frame,
-                        tensor_nbytes, to_bytes, unpack_tensor)
+from proto.wire import (PROTOCOL_VERSION, WIRES, FrameReader, WireError, decode, encode, request_wire,
+                        send_frame, tensor_nbytes, unpack_tensor)
 from quant import q8_0
 
 log = logging.getLogger("tensorlan.worker")
@@ -142,11 +142,13 @@ class Worker(rpc.WorkerServicer):
         try:
             if req.op == pb.OPEN:
                 state["slices"] = self.open(req)
+                state["wire"] = req.wire or "f32"
             elif state.get("slices") is None:
                 raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "no OPEN before steps")
             else:
                 t = time.perf_counter()
-                reply.y = to_bytes(self.step(state["slices"], req), REPLY_DTYPE[OPS[req.op]])
+                y = self.step(state["slices"], req, state["wire"])
+                reply.y = encode(y, "f32" if req.op == pb.LOGITS else state["wire"])
                 reply.compute_us = int((time.perf_counter() - t) * 1e6)
                 state["steps"] = state.get("steps", 0) + 1
         except StepError as e:
@@ -183,22 +185,24 @@ class Worker(rpc.WorkerServicer):
             up = self.uploads.get(req.slice_set_id)
         if up is None:
             raise StepError(grpc.StatusCode.NOT_FOUND, f"unknown slice set {req.slice_set_id!r}: upload it first")
-        if req.kv_dtype not in KV_DTYPES or not 0 < req.ctx <= up.cfg.max_seq_len:
+        if (req.kv_dtype not in KV_DTYPES or not 0 < req.ctx <= up.cfg.max_seq_len
+                or req.wire not in ("", *WIRES)):
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"ctx {req.ctx} / kv_dtype {req.kv_dtype!r}: need 0 < ctx <= "
-                            f"{up.cfg.max_seq_len} and one of {sorted(KV_DTYPES)}")
+                            f"ctx {req.ctx} / kv_dtype {req.kv_dtype!r} / wire {req.wire!r}: need 0 < "
+                            f"ctx <= {up.cfg.max_seq_len}, kv_dtype one of {sorted(KV_DTYPES)}, "
+                            f"wire one of {WIRES}")
         return SliceSet.from_tensors(up.cfg, up.shard, up.tensors, req.ctx, req.kv_dtype)
 
     @staticmethod
-    def step(slices: SliceSet, req) -> np.ndarray:
+    def step(slices: SliceSet, req, wire: str) -> np.ndarray:
         op = OPS.get(req.op)
         if op is None:
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown op {req.op}")
+        D = slices.classifier.shape[1]
         try:
-            x = from_bytes(req.x, req.tokens)
+            x = decode(req.x, req.tokens, D, request_wire(wire))
         except WireError as e:
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        D = slices.classifier.shape[1]
         ctx = next((a.cache_k.shape[1] for a in slices.attn if a is not None), 1 << 30)
         if x.shape[1] != D or req.layer >= len(slices.ffn) or req.pos + req.tokens > ctx:
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
