@@ -222,10 +222,13 @@ class RemoteNode:
             raise UserError(f"worker {self.addr}: {_STATUS.get(rep.error_code, rep.error_code)}: {rep.error}")
         return rep, n
 
-    def start(self, op: str, layer: int, x: np.ndarray, pos: int) -> None:
+    def start(self, op: str, layer: int, x: np.ndarray, pos: int, payload: bytes | None = None) -> None:
+        """Send one step: x [T, D], already encoded for the wire in `payload` when the same
+        activations go to several workers (encoded once)."""
         t = time.perf_counter()
-        sent = self._request(pb.StepRequest(op=OPS[op], layer=layer, pos=pos, tokens=x.shape[0],
-                                            x=encode(x, request_wire(self.wire))))
+        if payload is None:
+            payload = encode(x, request_wire(self.wire))
+        sent = self._request(pb.StepRequest(op=OPS[op], layer=layer, pos=pos, tokens=x.shape[0], x=payload))
         self._pending = (op, layer, x.shape, sent, t)
 
     def wait(self) -> np.ndarray:

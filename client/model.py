@@ -27,6 +27,7 @@ from client.memory import available_memory
 from client.slices import (Shard, SliceSet, matrix_nbytes, layer_name, load_matrix, output_name,
                            shard_nbytes, shard_tensors)
 from client.tokenizer import Tokenizer
+from proto.wire import encode, request_wire
 from quant.q8_0 import QK, Q8Tensor, dequantize
 
 
@@ -215,8 +216,10 @@ class Model:
         """Every node's result for one block (partial sums [T, D] float64, or logits [T, rows]
         float32, in node order): remote nodes get the step first, then this
         process computes its share while they work, then their replies are read."""
-        for n in self.remote:
-            n.start(op, layer, xn, p0)
+        remote = self.remote
+        payload = encode(xn, request_wire(remote[0].wire)) if remote else None  # once for all
+        for n in remote:
+            n.start(op, layer, xn, p0, payload)
         parts = [None if isinstance(n, RemoteNode) else n.run(op, layer, xn, p0) for n in self.nodes]
         for i, n in enumerate(self.nodes):
             if isinstance(n, RemoteNode):
