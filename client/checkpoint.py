@@ -114,19 +114,25 @@ class Checkpoint:
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr.astype(np.float32)
 
-    def _advise(self, name: str, advice: int) -> None:
-        f, (_, _, off, nbytes) = self._entry(name)
+    def _advise(self, name: str, advice: int, rows=None) -> None:
+        f, (_, shape, off, nbytes) = self._entry(name)
+        if rows is not None:  # rows [r0, r1) of a row-major tensor: one contiguous byte range
+            row_bytes = nbytes // shape[0]
+            off, nbytes = off + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        if nbytes <= 0:
+            return
         start = off // _PAGE * _PAGE
         f.mm.madvise(advice, start, min(len(f.mm) - start, off + nbytes - start))
 
-    def populate(self, name: str) -> None:
-        """Map the tensor's pages in one call (reading them ahead): faster than faulting them
-        in one by one while quantizing."""
+    def populate(self, name: str, rows=None) -> None:
+        """Map the tensor's pages (or those of rows [r0, r1)) in one call, reading them ahead:
+        faster than faulting them in one by one while quantizing."""
         try:
-            self._advise(name, _MADV_POPULATE_READ)
+            self._advise(name, _MADV_POPULATE_READ, rows)
         except OSError:  # older kernels
-            self._advise(name, mmap.MADV_WILLNEED)
+            self._advise(name, mmap.MADV_WILLNEED, rows)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process (they stay in the OS file cache)."""
-        self._advise(name, mmap.MADV_DONTNEED)
+    def release(self, name: str, rows=None) -> None:
+        """Drop the tensor's pages (or those of rows [r0, r1)) from this process; they stay in
+        the OS file cache."""
+        self._advise(name, mmap.MADV_DONTNEED, rows)

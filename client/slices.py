@@ -49,7 +49,7 @@ def output_name(cfg: LlamaConfig, ckpt: Checkpoint) -> str:
 
 def _rows_cols(ckpt, name, shape, rows, cols):
     raw, kind = ckpt.raw(name, shape)
-    ckpt.populate(name)
+    ckpt.populate(name, rows)
     return raw[slice(*rows) if rows else slice(None), slice(*cols) if cols else slice(None)], kind
 
 
@@ -68,7 +68,7 @@ def load_stacked(ckpt: Checkpoint, parts, cols=None, fmt="q8_0"):
     ncols = views[0][0].shape[1]
     out = q8.empty(rows, ncols) if fmt == "q8_0" else np.empty((rows, ncols), np.float32)
     r = 0
-    for (v, kind), (name, _, _) in zip(views, parts):
+    for (v, kind), (name, _, rows_of) in zip(views, parts):
         if fmt == "q8_0":
             quantize(v, kind, out=q8.row_range(out, r, r + v.shape[0]))
         elif kind == "bf16":
@@ -76,7 +76,7 @@ def load_stacked(ckpt: Checkpoint, parts, cols=None, fmt="q8_0"):
         else:
             out[r:r + v.shape[0]] = v
         r += v.shape[0]
-        ckpt.release(name)
+        ckpt.release(name, rows_of)
     return out
 
 
