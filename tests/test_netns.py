@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT, STORIES
-from netns import Lan
+from bench.lan import Lan
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,196 @@
+"""bench/lan.py: the delay relay (byte order, delay, its own overhead), the cgroup caps, the
+cluster end to end, and that nothing is left behind after an error, SIGTERM or SIGKILL."""
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from bench.lan import CGROUPS, PYTHON, Cluster, Lan, Relay, cleanup_stale, echo_server, ping
+from cluster_util import free_port
+from conftest import ROOT, STORIES
+
+pytestmark = pytest.mark.slow
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and cgroups need root")
+
+
+def leftovers(run_id: str) -> list[str]:
+    """Namespaces and cgroup directories of a run still present."""
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found = [line for line in ns.splitlines() if run_id in line]
+    for c in ("cpu", "cpuacct", "memory"):
+        found += [str(p) for p in (CGROUPS / c).rglob(f"{run_id}*")]
+    return found
+
+
+def _echo_port() -> int:
+    port = free_port()
+    threading.Thread(target=echo_server, args=("127.0.0.1", port), daemon=True).start()
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            return port
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("echo server did not start")
+
+
+def test_relay_keeps_byte_order_in_both_directions():
+    up, down = os.urandom(24 << 20), os.urandom(16 << 20)
+    srv, got = socket.create_server(("127.0.0.1", 0)), {}
+
+    def server():                         # receives `up` while sending `down`
+        conn, _ = srv.accept()
+        t = threading.Thread(target=lambda: (conn.sendall(down), conn.shutdown(socket.SHUT_WR)))
+        t.start()
+        buf = bytearray()
+        while data := conn.recv(1 << 20):
+            buf += data
+        got["server"] = bytes(buf)
+        t.join()
+        conn.close()
+
+    st = threading.Thread(target=server, daemon=True)
+    st.start()
+    port = free_port()
+    with Relay(0.5, [(f"127.0.0.1:{port}", f"127.0.0.1:{srv.getsockname()[1]}")]):
+        s = socket.create_connection(("127.0.0.1", port))
+        t = threading.Thread(target=lambda: (s.sendall(up), s.shutdown(socket.SHUT_WR)))
+        t.start()
+        buf = bytearray()
+        while data := s.recv(1 << 20):    # EOF arrives: the relay passed the shutdown on
+            buf += data
+        t.join()
+        s.close()
+        st.join(timeout=30)
+    srv.close()
+    assert bytes(buf) == down
+    assert got["server"] == up
+
+
+def test_relay_delay_and_its_own_overhead():
+    echo, port = _echo_port(), free_port()
+    with Relay(2.0, [(f"127.0.0.1:{port}", f"127.0.0.1:{echo}")]):
+        rtt = ping(f"127.0.0.1:{port}", 30, 64)
+    assert min(rtt) >= 4000, rtt             # 2 ms each way
+    assert statistics.median(rtt) < 4000 + 2000, rtt
+    with Relay(0.0, [(f"127.0.0.1:{port}", f"127.0.0.1:{echo}")]):
+        direct, relayed = ping(f"127.0.0.1:{echo}", 300, 64), ping(f"127.0.0.1:{port}", 300, 64)
+    overhead = statistics.median(relayed) - statistics.median(direct)
+    print(f"relay overhead at 0 delay on loopback: {overhead:.0f} us per round trip "
+          f"(direct {statistics.median(direct):.0f} us)")
+    assert overhead < 500
+
+
+@root_only
+def test_cpu_cap_limits_a_busy_loop():
+    busy = ("import time\nt, c = time.time(), time.process_time()\nwhile time.time() - t < 2: pass\n"
+            "print((time.process_time() - c) / (time.time() - t))")
+    with Lan(["h"], cpus={"h": 0.25}) as lan:
+        assert lan.cg["h"].read("cpu", "cpu.cfs_quota_us") == "2000"
+        t = time.time()
+        out = lan.run("h", [sys.executable, "-c", busy], stdout=subprocess.PIPE, text=True)
+        share = float(out.communicate(timeout=30)[0])
+        used = lan.cpu_seconds("h") / (time.time() - t)
+        throttled = lan.cg["h"].throttled()[0]
+    print(f"0.25-core cap: the busy loop got {share:.3f} of a core ({used:.3f} by cpuacct)")
+    assert 0.15 < share < 0.30 and 0.15 < used < 0.30
+    assert throttled > 50
+
+
+@root_only
+def test_memory_cap_is_applied():
+    grab = "import sys; b = b'x' * (int(sys.argv[1]) << 20); print(len(b))"
+    with Lan(["h"], mem={"h": 150 << 20}) as lan:
+        assert lan.cg["h"].read("memory", "memory.limit_in_bytes") == str(150 << 20)
+        small = lan.run("h", [sys.executable, "-c", grab, "40"], stdout=subprocess.PIPE)
+        assert small.wait(timeout=30) == 0
+        assert lan.peak_memory("h") >= 40 << 20
+        big = lan.run("h", [sys.executable, "-c", grab, "400"], stdout=subprocess.PIPE,
+                      stderr=subprocess.DEVNULL)
+        assert big.wait(timeout=30) == -signal.SIGKILL       # the OOM killer
+        assert lan.peak_memory("h") <= 150 << 20
+
+
+@root_only
+def test_nothing_left_after_an_exception():
+    with pytest.raises(ValueError):
+        with Lan(["a", "b"], cpus={"a": 0.5}, mem={"b": 1 << 30}) as lan:
+            sleeper = lan.run("a", ["sleep", "600"])
+            relay = Relay(0.1, [("127.0.0.1:7000", f"{lan.ip('b')}:7000")])
+            relay.start(lambda cmd, **kw: lan.run("b", cmd, cgroup=False, **kw))
+            assert leftovers(lan.id)
+            raise ValueError("boom")
+    assert leftovers(lan.id) == []
+    assert sleeper.poll() is not None and relay.proc.poll() is not None
+
+
+SCRIPT = """import sys, time
+sys.path.insert(0, {root!r})
+from bench.lan import Lan
+with Lan(["a"], cpus={{"a": 0.25}}) as lan:
+    lan.run("a", ["sleep", "600"])
+    print(lan.id, flush=True)
+    time.sleep(600)
+"""
+
+
+def _run_id(p: subprocess.Popen) -> str:
+    line = p.stdout.readline().strip()
+    assert line.startswith("tlan-"), line + p.stderr.read()
+    return line
+
+
+@root_only
+def test_nothing_left_after_sigterm():
+    p = subprocess.Popen([str(PYTHON), "-c", SCRIPT.format(root=str(ROOT))], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    run = _run_id(p)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 128 + signal.SIGTERM
+    assert leftovers(run) == []
+
+
+@root_only
+def test_cleanup_stale_removes_what_a_killed_run_left():
+    p = subprocess.Popen([str(PYTHON), "-c", SCRIPT.format(root=str(ROOT))], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    run = _run_id(p)
+    p.kill()                               # no cleanup at all
+    p.wait()
+    assert len(leftovers(run)) == 2 + 3    # two namespaces, three cgroups
+    removed = cleanup_stale()
+    assert any(run in r for r in removed)
+    assert leftovers(run) == []
+
+
+@root_only
+def test_cluster_end_to_end():
+    args = [str(STORIES), "-i", "Once upon a time", "-n", "12", "--json"]
+    want = subprocess.run([str(ROOT / "bin/client"), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert want.returncode == 0, want.stderr
+    with Cluster(cpus=[None, 0.5], delay_ms=0.1) as c:
+        assert c.workers_arg([2, 1]) == "127.0.0.1:7000*2,127.0.0.1:7002*1"
+        got = c.run_client([*args, "--no-local", "--workers", c.workers_arg()])
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout)["new_ids"] == json.loads(want.stdout)["new_ids"]
+        assert "127.0.0.1:7002" in got.stderr and "avg round trip" in got.stderr
+        overhead = c.relay_overhead_us(300)
+        rtt = c.round_trip_us(2.0, 20)
+        peaks = {h: c.peak_memory(h) for h in ("w0", "w1", "client")}
+        print(f"relay overhead at 0 delay across the emulated LAN: {overhead:.0f} us; round trip at "
+              f"2 ms each way: {statistics.median(rtt):.0f} us; peak memory (MiB): "
+              + ", ".join(f"{h} {b >> 20}" for h, b in peaks.items()))
+        assert 0 < overhead < 500 and min(rtt) >= 4000
+        assert all(b > 10 << 20 for b in peaks.values())
+        assert "Sent 0 bytes" not in c.lan.tc_stats("w1")
+        workers, relay = c.procs, c.relay.proc
+    assert leftovers(c.lan.id) == []
+    assert all(p.poll() is not None for p in workers + [relay])
