@@ -104,7 +104,13 @@ class Cgroup:
     memory (capped at `mem` bytes; peak recorded). None leaves a resource uncapped."""
 
     def __init__(self, name: str, cores: float | None = None, mem: int | None = None,
-                 period_us: int = 8000):
+                 period_us: int | None = None):
+        # by default the shortest period of at least 4 ms whose quota is the kernel's minimum
+        # 1000 us or more: a capped host stalls for (1 - cores) x period whenever it has used its
+        # quota, and a real slow CPU does not stall at all, so shorter is more honest
+        if period_us is None and cores:
+            period_us = max(4000, -(-1000 * 1000 // int(cores * 1000)))
+        period_us = period_us or 8000
         self.name, self.cores, self.mem, self.period_us = name, cores, mem, period_us
         if cores is not None and cores * period_us < 1000:
             raise ValueError(f"{cores} cores over a {period_us} us period is a quota of "
@@ -123,8 +129,8 @@ class Cgroup:
             (self.dirs["memory"] / "memory.limit_in_bytes").write_text(str(int(self.mem)))
 
     def wrap(self, cmd: list[str]) -> list[str]:
-        """cmd run by a shell that first moves itself into these groups (`ip netns exec` mounts a
-        fresh /sys, so joining has to happen before entering the namespace)."""
+        """cmd run by a shell that first moves itself into these groups (before it enters the
+        host's network namespace)."""
         procs = dict.fromkeys(str((d / "cgroup.procs").resolve()) for d in self.dirs.values())
         join = " && ".join(f"echo $$ > {shlex.quote(p)}" for p in procs)
         return ["sh", "-c", f'{join} && exec "$@"', "sh", *cmd]
@@ -250,7 +256,7 @@ class Lan:
     it is stopped on exit."""
 
     def __init__(self, hosts: list[str], rate: str = "1gbit", subnet: str = "10.77.0",
-                 cpus: dict | None = None, mem: dict | None = None, period_us: int = 8000):
+                 cpus: dict | None = None, mem: dict | None = None, period_us: int | None = None):
         if len(hosts) > 250:
             raise ValueError(f"{len(hosts)} hosts: at most 250 fit the /24 subnet")
         self.id = f"{PREFIX}{os.getpid()}-{next(_runs)}"
@@ -304,7 +310,10 @@ class Lan:
         """Start cmd on host (in its cgroups unless cgroup=False). It runs in its own session, so
         a Ctrl-C reaches only this process, which then stops everything in order; setpriv makes
         it get SIGTERM if this process dies without cleaning up."""
-        cmd = ["setpriv", "--pdeathsig", "TERM", "ip", "netns", "exec", self.ns[host], *map(str, cmd)]
+        # nsenter --net, not `ip netns exec`: that also mounts a fresh /sys, which hides
+        # /sys/fs/cgroup, and the client and workers read their memory cgroup's limit there
+        cmd = ["setpriv", "--pdeathsig", "TERM", "nsenter", f"--net=/var/run/netns/{self.ns[host]}",
+               *map(str, cmd)]
         kw.setdefault("stdin", subprocess.DEVNULL)
         p = subprocess.Popen(self.cg[host].wrap(cmd) if cgroup else cmd, start_new_session=True, **kw)
         self.procs.append(p)
@@ -353,7 +362,7 @@ class Cluster:
 
     def __init__(self, cpus: list[float | None], mem=None, rate: str = "1gbit", delay_ms: float = 0.1,
                  client_cpu: float | None = None, client_mem: int | None = None, threads: int = 1,
-                 period_us: int = 8000, base_port: int = 7000, ready_timeout: float = 900):
+                 period_us: int | None = None, base_port: int = 7000, ready_timeout: float = 900):
         n = len(cpus)
         mems = list(mem) if isinstance(mem, (list, tuple)) else [mem] * n
         self.workers = [f"w{i}" for i in range(n)]

@@ -23,7 +23,7 @@ from client.checkpoint import Checkpoint
 from client.cluster import RemoteNode, manifest_key, read_manifest, write_manifest
 from client.config import LlamaConfig
 from client.errors import UserError
-from client.memory import available_memory
+from client.host import available_memory
 from client.slices import (Shard, SliceSet, matrix_nbytes, layer_name, load_matrix, output_name,
                            shard_nbytes, shard_tensors)
 from client.tokenizer import Tokenizer

@@ -1,6 +1,7 @@
 """bench/lan.py: the delay relay (byte order, delay, its own overhead), the cgroup caps, the
 cluster end to end, and that nothing is left behind after an error, SIGTERM or SIGKILL."""
 import json
+import re
 import os
 import signal
 import socket
@@ -93,7 +94,7 @@ def test_cpu_cap_limits_a_busy_loop():
     busy = ("import time\nt, c = time.time(), time.process_time()\nwhile time.time() - t < 2: pass\n"
             "print((time.process_time() - c) / (time.time() - t))")
     with Lan(["h"], cpus={"h": 0.25}) as lan:
-        assert lan.cg["h"].read("cpu", "cpu.cfs_quota_us") == "2000"
+        assert lan.cg["h"].read("cpu", "cpu.cfs_quota_us") == "1000"   # 0.25 x a 4 ms period
         t = time.time()
         out = lan.run("h", [sys.executable, "-c", busy], stdout=subprocess.PIPE, text=True)
         share = float(out.communicate(timeout=30)[0])
@@ -176,12 +177,17 @@ def test_cluster_end_to_end():
     want = subprocess.run([str(ROOT / "bin/client"), *args], capture_output=True, text=True,
                           timeout=300)
     assert want.returncode == 0, want.stderr
-    with Cluster(cpus=[None, 0.5], delay_ms=0.1) as c:
+    with Cluster(cpus=[None, 0.5], mem=[None, 1 << 30], delay_ms=0.1) as c:
         assert c.workers_arg([2, 1]) == "127.0.0.1:7000*2,127.0.0.1:7002*1"
+        # inside its host a worker sees its caps: no socket polling under a CPU quota, and the
+        # memory it reports (for the client's plan) is within its cgroup's limit
+        assert "CPU quota 0.5 cores: no polling" in c.log("w1") and "quota" not in c.log("w0")
         got = c.run_client([*args, "--no-local", "--workers", c.workers_arg()])
         assert got.returncode == 0, got.stderr
         assert json.loads(got.stdout)["new_ids"] == json.loads(want.stdout)["new_ids"]
         assert "127.0.0.1:7002" in got.stderr and "avg round trip" in got.stderr
+        free = dict((a, float(gb)) for a, gb in re.findall(r"node \d+: (\S+) \(.*?([\d.]+) GB free", got.stderr))
+        assert 0.5 < free["127.0.0.1:7002"] < 1.074 and free["127.0.0.1:7000"] > 2, free
         overhead = c.relay_overhead_us(300)
         rtt = c.round_trip_us(2.0, 20)
         peaks = {h: c.peak_memory(h) for h in ("w0", "w1", "client")}

@@ -1,6 +1,7 @@
-"""How much memory this process may still use: the machine's available memory, or less when the
-process runs in a memory cgroup with a limit (cgroup v1 `memory.limit_in_bytes` or v2
-`memory.max`), which is how a container or an emulated small host is capped."""
+"""What this host gives this process: memory it may still use (the machine's available memory,
+or less under a memory cgroup's limit: cgroup v1 `memory.limit_in_bytes`, v2 `memory.max`) and
+a CPU quota if any (v1 `cpu.cfs_quota_us`, v2 `cpu.max`): how a container or an emulated small
+host is capped."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,6 +24,33 @@ def _meminfo(key: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def _cgroup_dirs():
+    """(controllers, path) of each line of /proc/self/cgroup."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    return [(c.split(","), p.lstrip("/")) for _, c, p in (line.split(":", 2) for line in lines)]
+
+
+def cpu_quota() -> float | None:
+    """Cores this process's CPU cgroup allows (quota / period), or None if unlimited."""
+    for controllers, path in _cgroup_dirs():
+        if "cpu" in controllers:                                    # cgroup v1
+            base = Path("/sys/fs/cgroup/cpu") / path
+            quota, period = _read_int(base / "cpu.cfs_quota_us"), _read_int(base / "cpu.cfs_period_us")
+            if quota and quota > 0 and period:
+                return quota / period
+        elif controllers == [""]:                                   # cgroup v2
+            try:
+                quota, period = (Path("/sys/fs/cgroup") / path / "cpu.max").read_text().split()
+            except (OSError, ValueError):
+                continue
+            if quota != "max":
+                return int(quota) / int(period)
+    return None
 
 
 def cgroup_room() -> tuple[int, str] | None:
