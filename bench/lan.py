@@ -362,12 +362,14 @@ class Cluster:
 
     def __init__(self, cpus: list[float | None], mem=None, rate: str = "1gbit", delay_ms: float = 0.1,
                  client_cpu: float | None = None, client_mem: int | None = None, threads: int = 1,
-                 period_us: int | None = None, base_port: int = 7000, ready_timeout: float = 900):
+                 period_us: int | None = None, base_port: int = 7000, ready_timeout: float = 900,
+                 worker_args: list[str] = ()):
         n = len(cpus)
         mems = list(mem) if isinstance(mem, (list, tuple)) else [mem] * n
         self.workers = [f"w{i}" for i in range(n)]
         self.ports = [base_port + 2 * i for i in range(n)]
         self.delay_ms, self.threads, self.ready_timeout = delay_ms, threads, ready_timeout
+        self.worker_args = list(worker_args)
         self.lan = Lan(self.workers + ["client"], rate, cpus={**dict(zip(self.workers, cpus)),
                        "client": client_cpu}, mem={**dict(zip(self.workers, mems)),
                        "client": client_mem}, period_us=period_us)
@@ -378,11 +380,14 @@ class Cluster:
         self.lan.__enter__()
         try:
             self.logs = Path(tempfile.mkdtemp(prefix=f"{self.lan.id}-logs-"))
+            # the workers' slice caches and the client's upload manifests live (and die) with
+            # this cluster: every run starts cold, and nothing piles up in ~/.cache
+            self.env = {**os.environ, "TENSORLAN_CACHE": str(self.logs / "cache")}
             for h, p in zip(self.workers, self.ports):
                 with open(self.logs / f"{h}.log", "w") as log:
                     self.procs.append(self.lan.run(h, [WORKER, p, "--host", self.lan.ip(h), "--data-port",
-                                                       p + 1, "--threads", self.threads],
-                                                   stdout=log, stderr=subprocess.STDOUT))
+                                                       p + 1, "--threads", self.threads, *self.worker_args],
+                                                   stdout=log, stderr=subprocess.STDOUT, env=self.env))
             self.relay = Relay(self.delay_ms, [(f"127.0.0.1:{p + k}", f"{self.lan.ip(h)}:{p + k}")
                                                for h, p in zip(self.workers, self.ports) for k in (0, 1)])
             self.relay.start(lambda cmd, **kw: self.lan.run("client", cmd, cgroup=False, **kw))
@@ -421,7 +426,7 @@ class Cluster:
     def run_client(self, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
         """bin/client ARGS on the client's host (its cgroups), through the relay."""
         p = self.lan.run("client", [CLIENT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, env=self.env)
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -4,6 +4,7 @@ capped at 1 gbit, a relay adding 0.1 ms each way.
 
     sudo .venv/bin/python -m bench.scaling [--tokens 32] [--reps 1] [--rate 1gbit] [--delay-ms 0.1]
                                            [--configs 0.25x1,0.25x2,...] [--model DIR]
+                                           [--wire q8_0]
 
 Configurations: hosts capped at 0.25 core for N = 1, 2, 4 (0.25x1 ...); at 0.125 core for N = 1,
 2, 4, 8; one 0.5-core host with three 0.125-core ones, split by the speed each worker measured at
@@ -67,7 +68,8 @@ def split_token_time(perf_csv: Path, ms_per_token: float) -> dict:
             "bytes_per_token": nbytes / tokens}
 
 
-def run_config(name: str, model: Path, tokens: int, reps: int, rate: str, delay_ms: float) -> dict:
+def run_config(name: str, model: Path, tokens: int, reps: int, rate: str, delay_ms: float,
+               wire: str = "f32") -> dict:
     cpus, weights = CONFIGS[name]
     click.echo(f"{name}: starting {len(cpus)} workers ({'/'.join(f'{c:g}' for c in cpus)} core)",
                err=True)
@@ -76,7 +78,7 @@ def run_config(name: str, model: Path, tokens: int, reps: int, rate: str, delay_
         for rep in range(reps):
             perf = Path(tmp) / f"perf{rep}.csv"
             r = c.run_client([str(model), "-i", PROMPT, "-n", str(tokens), "--temperature", "0",
-                              "--ctx", "256", "--threads", "1", "--no-local", "--json",
+                              "--ctx", "256", "--threads", "1", "--no-local", "--json", "--wire", wire,
                               "--workers", c.workers_arg(weights), "--perf-csv", str(perf)])
             if r.returncode:
                 raise SystemExit(f"error: {name}: the client failed ({r.returncode}):\n{r.stderr[-3000:]}")
@@ -146,7 +148,9 @@ def plot(rows: list[dict], model: str, path: Path) -> None:
               help="Comma-separated subset of the configurations.")
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Model folder (default: the TinyLlama-1.1B shape, generated once into models/).")
-def main(tokens, reps, rate, delay_ms, configs, model):
+@click.option("--wire", type=click.Choice(["f64", "f32", "bf16", "q8_0"]), default="q8_0",
+              show_default=True, help="The client's --wire: how activations and partial sums travel.")
+def main(tokens, reps, rate, delay_ms, configs, model, wire):
     """Tok/s of a CPU-capped emulated cluster against its number of hosts (needs root)."""
     need_root()
     names = [c for c in configs.split(",") if c]
@@ -158,9 +162,9 @@ def main(tokens, reps, rate, delay_ms, configs, model):
         from bench.make_model import make_model
         model = ROOT / "models" / "tinyllama-1.1b"
         make_model(SHAPES / "tinyllama-1.1b.json", model)
-    rows = [run_config(n, model, tokens, reps, rate, delay_ms) for n in names]
+    rows = [run_config(n, model, tokens, reps, rate, delay_ms, wire) for n in names]
     add_speedups(rows)
-    print_table(rows, model.name, tokens, rate, delay_ms)
+    print_table(rows, f"{model.name}, wire {wire}", tokens, rate, delay_ms)
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "scaling.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -156,6 +156,7 @@ class Worker(rpc.WorkerServicer):
                 reply.y = encode(y, "f32" if req.op == pb.LOGITS else state["wire"])
                 reply.compute_us = int((time.perf_counter() - t) * 1e6)
                 state["steps"] = state.get("steps", 0) + 1
+                state["compute_us"] = state.get("compute_us", 0) + reply.compute_us
         except StepError as e:
             reply.error_code, reply.error = e.code.value[0], e.message
         return reply
@@ -170,7 +171,7 @@ class Worker(rpc.WorkerServicer):
         q8_0.set_threads(self.threads)  # Numba's thread count is per calling thread
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         frames = FrameReader(conn, spin=self.spin)
-        state, t0 = {}, time.perf_counter()
+        state, t0, c0 = {}, time.perf_counter(), time.thread_time()
         log.info("session %s:%d started", *addr[:2])
         try:
             while True:
@@ -182,8 +183,9 @@ class Worker(rpc.WorkerServicer):
             log.info("session %s:%d: %s", *addr[:2], e)
         finally:
             conn.close()
-            log.info("session %s:%d closed after %d steps, %.1f s", *addr[:2],
-                     state.get("steps", 0), time.perf_counter() - t0)
+            log.info("session %s:%d closed after %d steps, %.1f s (%.2f s of CPU; computing %.2f s)",
+                     *addr[:2], state.get("steps", 0), time.perf_counter() - t0,
+                     time.thread_time() - c0, state.get("compute_us", 0) / 1e6)
 
     def open(self, req) -> SliceSet:
         with self.lock:
