@@ -23,7 +23,7 @@ from client.checkpoint import Checkpoint
 from client.cluster import RemoteNode, manifest_key, read_manifest, write_manifest
 from client.config import LlamaConfig
 from client.errors import UserError
-from client.host import available_memory
+from client.host import available_memory, cpu_quota
 from client.slices import (Shard, SliceSet, matrix_nbytes, layer_name, load_matrix, output_name,
                            shard_nbytes, shard_tensors)
 from client.tokenizer import Tokenizer
@@ -62,7 +62,7 @@ def node_weights(remote: list, local: bool) -> list[float]:
     if any(w is not None for w in explicit):
         return ([1.0] if local else []) + [w or 1.0 for w in explicit]
     from quant.q8_0 import measure_speed
-    return ([measure_speed()] if local else []) + [r.info.speed_gb_s for r in remote]
+    return ([measure_speed(cpu_quota())] if local else []) + [r.info.speed_gb_s for r in remote]
 
 
 def water_fill(weights: list[float], caps: list[float]) -> list[float] | None:

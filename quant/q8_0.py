@@ -511,18 +511,25 @@ def matmul(w, X: np.ndarray, acc64: bool = False) -> np.ndarray:
         out[k:k + n] = o4[:n]
     return out
 
-def measure_speed() -> float:
+def measure_speed(cpu_quota: float | None = None) -> float:
     """GB/s of the one-token kernel streaming 3 x 34 MB (three times a 32 MB L3), median of 5
-    sweeps (~0.5 s): a node's speed for balancing."""
+    sweeps (~0.5 s): a node's speed for balancing. Under a CPU quota (cores, from the cgroup),
+    wall time depends on where each short sweep falls in the quota's period, so the speed is
+    taken from the CPU time instead: bytes per CPU-second x the cores the quota allows."""
     import time
     w0 = quantize(np.linspace(-1, 1, 8192 * 4096, dtype=np.float32).reshape(8192, 4096))
     ws = [w0] + [Q8Tensor(w0.q.copy(), w0.d.copy(), w0.cols) for _ in range(2)]
     x = np.ones(4096, np.float32)
     matvec(ws[0], x)
     ts = []
+    clock = time.process_time if cpu_quota else time.perf_counter
     for _ in range(5):
-        t = time.perf_counter()
+        t = clock()
         for w in ws:
             matvec(w, x)
-        ts.append(time.perf_counter() - t)
-    return sum(w.nbytes for w in ws) / float(np.median(ts)) / 1e9
+        ts.append(clock() - t)
+    gb = sum(w.nbytes for w in ws) / 1e9
+    if cpu_quota:  # CPU-seconds of all threads: per thread, times the cores the quota allows
+        threads = nb.get_num_threads()
+        return gb / float(np.median(ts)) * min(1.0, cpu_quota / threads) * threads
+    return gb / float(np.median(ts))

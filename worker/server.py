@@ -54,8 +54,8 @@ class Worker(rpc.WorkerServicer):
         # waits for the next CFS period (measured: 0.25-core worker 23 -> 15 tok/s)
         self.quota = cpu_quota()
         self.spin = 0.0 if self.quota else 0.005
+        self.speed = q8_0.measure_speed(self.quota)
         self.data_port, self.threads = data_port, threads
-        self.speed = q8_0.measure_speed()
         self.uploads: dict[str, Uploaded] = {}
         self.lock = threading.Lock()
 
