@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from pathlib import Path
 
@@ -188,7 +189,8 @@ def generate(model_dir, prompt, n_tokens, temperature, top_p, seed, as_json, **o
                 "prompt_ids": ids, "new_ids": res.new_ids,
                 "text": model.tokenizer.decode(ids + res.new_ids),
                 "prompt_tok_s": res.prompt_tok_s, "gen_tok_s": res.gen_tok_s,
-                "ms_per_token": ms, "load_seconds": model.load_seconds}))
+                "ms_per_token": ms, "load_seconds": model.load_seconds,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
     except UserError as e:
         _fail(str(e))
 

@@ -188,6 +188,9 @@ def test_cluster_end_to_end():
         assert "127.0.0.1:7002" in got.stderr and "avg round trip" in got.stderr
         free = dict((a, float(gb)) for a, gb in re.findall(r"node \d+: (\S+) \(.*?([\d.]+) GB free", got.stderr))
         assert 0.5 < free["127.0.0.1:7002"] < 1.074 and free["127.0.0.1:7000"] > 2, free
+        # the speed each measured for balancing: the 0.5-core host about half the other's
+        speed = dict((a, float(s)) for a, s in re.findall(r"node \d+: (\S+) \(\d+ cores, ([\d.]+) GB/s", got.stderr))
+        assert 0.35 < speed["127.0.0.1:7002"] / speed["127.0.0.1:7000"] < 0.65, speed
         overhead = c.relay_overhead_us(300)
         rtt = c.round_trip_us(2.0, 20)
         peaks = {h: c.peak_memory(h) for h in ("w0", "w1", "client")}

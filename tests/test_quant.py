@@ -141,3 +141,4 @@ def test_bf16_conversion_kernels_round_to_nearest_even():
     a = np.concatenate([rng.standard_normal(5000).astype(np.float32),
                         np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -1 - 2 ** -8, 1e-40], np.float32)])
     assert np.array_equal(from_bf16(to_bf16(a)), bf16_round_ref(a).astype(np.float32))
+

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -183,9 +184,10 @@ class Worker(rpc.WorkerServicer):
             log.info("session %s:%d: %s", *addr[:2], e)
         finally:
             conn.close()
-            log.info("session %s:%d closed after %d steps, %.1f s (%.2f s of CPU; computing %.2f s)",
-                     *addr[:2], state.get("steps", 0), time.perf_counter() - t0,
-                     time.thread_time() - c0, state.get("compute_us", 0) / 1e6)
+            log.info("session %s:%d closed after %d steps, %.1f s (%.2f s of CPU; computing %.2f s); "
+                     "worker peak RSS %.2f GB", *addr[:2], state.get("steps", 0), time.perf_counter() - t0,
+                     time.thread_time() - c0, state.get("compute_us", 0) / 1e6,
+                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
 
     def open(self, req) -> SliceSet:
         with self.lock:
