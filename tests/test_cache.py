@@ -116,3 +116,19 @@ def test_bad_uploads_get_a_status_and_the_worker_goes_on(tmp_path):
         assert _greedy(m, 5) == _greedy(Model.load(STORIES), 5)
     finally:
         w.stop()
+
+
+def test_idle_shards_leave_memory_but_not_the_disk_cache(tmp_path):
+    """A worker serving plan after plan keeps only the two newest idle shards in memory; an
+    older plan comes back from its disk cache, still without an upload."""
+    want = _greedy(Model.load(STORIES), 8)
+    w = Workers(1, extra=["--cache-dir", str(tmp_path)])
+    try:
+        for weights in ([1.0, 1.0], [1.0, 2.0], [1.0, 3.0], [1.0, 1.0]):
+            m = Model.load(STORIES, workers=[(w.addrs[0], None)], weights=weights)
+            assert _greedy(m, 8) == want
+            m.remote[0].close()
+        assert m.remote[0].uploaded_bytes == 0   # the first plan again: from the disk cache
+    finally:
+        logs = w.stop()
+    assert logs[0].count("dropped from memory (idle)") >= 1

@@ -27,7 +27,7 @@ import numpy as np
 from client.config import LlamaConfig
 from client.errors import UserError
 from client.host import available_memory, cpu_quota
-from client.slices import KV_DTYPES, Shard, SliceSet
+from client.slices import KV_DTYPES, Shard, SliceSet, shard_nbytes
 from proto import tensorlan_pb2 as pb
 from worker.cache import TensorCache
 from proto import tensorlan_pb2_grpc as rpc
@@ -44,6 +44,7 @@ class Uploaded:
 
     def __init__(self, cfg: LlamaConfig, shard: Shard, tensors: dict):
         self.cfg, self.shard, self.tensors = cfg, shard, tensors
+        self.sessions = 0        # open sessions using it; idle uploads may be dropped
 
 
 class Worker(rpc.WorkerServicer):
@@ -82,6 +83,9 @@ class Worker(rpc.WorkerServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload starts with a header")
             h = first.header
             room, source = available_memory()
+            if h.total_bytes > room:  # make room: drop idle shards (they stay in the disk cache)
+                self.drop_idle(keep=0)
+                room, source = available_memory()
             if h.total_bytes > room:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"the shard needs {h.total_bytes / 1e9:.2f} GB, this worker has "
@@ -136,10 +140,21 @@ class Worker(rpc.WorkerServicer):
             digest.update(name.encode())
         sid = digest.hexdigest()[:16]
         with self.lock:
-            self.uploads[sid] = Uploaded(cfg, shard, tensors)
+            self.uploads.pop(sid, None)
+            self.uploads[sid] = Uploaded(cfg, shard, tensors)  # newest last
+        self.drop_idle(keep=2)
         log.info("upload %s: heads %s units %s rows %s, %.1f MB received, %.1f MB from the cache",
                  sid, shard.heads, shard.units, shard.rows, received / 1e6, cached / 1e6)
         return pb.UploadReply(slice_set_id=sid, bytes_received=received)
+
+    def drop_idle(self, keep: int) -> None:
+        """Forget all but the `keep` newest shards that no session uses, so that a worker serving
+        plan after plan does not hold them all in memory (a reconnect reloads from disk)."""
+        with self.lock:
+            idle = [sid for sid, up in self.uploads.items() if up.sessions == 0]
+            for sid in idle[:max(0, len(idle) - keep)]:
+                del self.uploads[sid]
+                log.info("upload %s dropped from memory (idle)", sid)
 
     # -- sessions: the same steps over gRPC (Session) or the TCP step channel ---------------
     def handle(self, state: dict, req) -> pb.StepReply:
@@ -147,7 +162,8 @@ class Worker(rpc.WorkerServicer):
         reply = pb.StepReply(seq=req.seq)
         try:
             if req.op == pb.OPEN:
-                state["slices"] = self.open(req)
+                self.close(state)
+                state["slices"], state["upload"] = self.open(req)
                 state["wire"] = req.wire or "f32"
             elif state.get("slices") is None:
                 raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "no OPEN before steps")
@@ -162,11 +178,21 @@ class Worker(rpc.WorkerServicer):
             reply.error_code, reply.error = e.code.value[0], e.message
         return reply
 
+    def close(self, state: dict) -> None:
+        """The end of a session (or a second OPEN in it): its shard is no longer in use by it."""
+        up = state.pop("upload", None)
+        if up is not None:
+            with self.lock:
+                up.sessions -= 1
+
     def Session(self, request_iterator, context):
         q8_0.set_threads(self.threads)
         state = {}
-        for req in request_iterator:
-            yield self.handle(state, req)
+        try:
+            for req in request_iterator:
+                yield self.handle(state, req)
+        finally:
+            self.close(state)
 
     def serve_steps(self, conn: socket.socket, addr) -> None:
         q8_0.set_threads(self.threads)  # Numba's thread count is per calling thread
@@ -184,12 +210,13 @@ class Worker(rpc.WorkerServicer):
             log.info("session %s:%d: %s", *addr[:2], e)
         finally:
             conn.close()
+            self.close(state)
             log.info("session %s:%d closed after %d steps, %.1f s (%.2f s of CPU; computing %.2f s); "
                      "worker peak RSS %.2f GB", *addr[:2], state.get("steps", 0), time.perf_counter() - t0,
                      time.thread_time() - c0, state.get("compute_us", 0) / 1e6,
                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
 
-    def open(self, req) -> SliceSet:
+    def open(self, req) -> tuple[SliceSet, Uploaded]:
         with self.lock:
             up = self.uploads.get(req.slice_set_id)
         if up is None:
@@ -200,7 +227,16 @@ class Worker(rpc.WorkerServicer):
                             f"ctx {req.ctx} / kv_dtype {req.kv_dtype!r} / wire {req.wire!r}: need 0 < "
                             f"ctx <= {up.cfg.max_seq_len}, kv_dtype one of {sorted(KV_DTYPES)}, "
                             f"wire one of {WIRES}")
-        return SliceSet.from_tensors(up.cfg, up.shard, up.tensors, req.ctx, req.kv_dtype)
+        kv = (shard_nbytes(up.cfg, up.shard, "f32", req.ctx, req.kv_dtype)
+              - shard_nbytes(up.cfg, up.shard, "f32", 0, req.kv_dtype))
+        room, source = available_memory()
+        if kv > room:
+            raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"a KV cache for {req.ctx} positions needs {kv / 1e9:.2f} GB, this worker "
+                            f"has {room / 1e9:.2f} GB ({source}): lower --ctx")
+        with self.lock:
+            up.sessions += 1
+        return SliceSet.from_tensors(up.cfg, up.shard, up.tensors, req.ctx, req.kv_dtype), up
 
     @staticmethod
     def step(slices: SliceSet, req, wire: str) -> np.ndarray:
