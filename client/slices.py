@@ -7,7 +7,7 @@ they give the same residual whatever the slicing.
         qkv     = xn @ [Wq[S rows]; Wk[kv rows]; Wv[kv rows]]^T      one matmul
         o       = attention(RoPE(q), RoPE(k) -> cache, v -> cache)
         partial = o @ Wo[:, cols of S]^T                              a D-vector per token
-    FFN slice = a set of hidden units U (a multiple of 32, except at the end of F):
+    FFN slice = a set of hidden units U (a multiple of 64, except at the end of F):
         partial = (silu(xn @ Wgate[U]^T) * (xn @ Wup[U]^T)) @ Wdown[:, U]^T
     classifier slice = rows [r0, r1) of the output matrix: logits[:, r0:r1] = xn @ W[r0:r1]^T
 

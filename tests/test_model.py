@@ -116,8 +116,9 @@ def test_plan_covers_everything_in_proportion():
     cfg = LlamaConfig.load(STORIES)
     shards = plan_shards(cfg, [2, 1, 1])
     assert shards[0].heads == (0, 4) and shards[-1].heads[1] == cfg.n_heads
-    # 172 units = 6 blocks of 32 (the last one short): 3, 1.5, 1.5 -> 3, 2, 1 blocks
-    assert [s.units for s in shards] == [(0, 96), (96, 160), (160, 172)]
+    # 172 units = 3 pairs of Q8_0 blocks, 64 units each (the last short): 1.5, 0.75, 0.75 ->
+    # floors 1, 0, 0 and the two largest remainders (0.75, 0.75) get the rest: 1, 1, 1
+    assert [s.units for s in shards] == [(0, 64), (64, 128), (128, 172)]
     assert shards[-1].rows[1] == cfg.vocab_size
     assert split_counts(10, [1, 1, 1]) == [4, 3, 3]
     assert sum(split_counts(176, [0.5, 0.125, 0.125, 0.125])) == 176
