@@ -148,7 +148,9 @@ def test_grpc_session_serves_the_same_steps(workers):
 
 def test_wire_formats_accuracy_and_bytes(workers):
     """Teacher-forced over 120 tokens of a story, generation's path (a 16-token prompt, then one
-    token per pass): f64 partials reproduce the in-process logits exactly; f32, bf16 and q8_0
+    token per pass): f64 partials reproduce the in-process logits to float32 rounding (their
+    float64 sums round to the same float32 all but rarely: one flip was seen in ~10 runs, a
+    1e-8 change of the perplexity); f32, bf16 and q8_0
     keep the perplexity within 1e-4 / 0.5% / 2% while the bytes per call shrink."""
     from conftest import ROOT
     text = (ROOT / "tests" / "data" / "story.txt").read_text()
@@ -167,12 +169,12 @@ def test_wire_formats_accuracy_and_bytes(workers):
 
     want = logits(one)
     sent = {}
-    for wire, tol in [("f64", 0.0), ("f32", 1e-4), ("bf16", 5e-3), ("q8_0", 2e-2)]:
+    for wire, tol in [("f64", 1e-6), ("f32", 1e-4), ("bf16", 5e-3), ("q8_0", 2e-2)]:
         m = Model.load(STORIES, workers=[(a, w) for a, w in zip(workers.addrs[:2], [1.0, 2.5])], wire=wire)
         got = logits(m)
         assert abs(ppl(got) / ppl(want) - 1) <= tol, wire
         if wire == "f64":
-            assert np.array_equal(got, want)
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
         m.forward(ids[:1], len(ids))  # one more token: the calls of a single token
         calls = [c for c in m.remote[0].calls if c.token == 1 and c.op == "ffn"]
         sent[wire] = (calls[0].sent, calls[0].received)
