@@ -192,7 +192,10 @@ class RemoteNode:
         self.uploaded_bytes = reply.bytes_received
         return infos
 
-    def open(self, ctx: int, kv_dtype: str, wire: str = "f32") -> None:
+    def connect(self) -> None:
+        """Open the step channel (HelloReply.data_port on the same host)."""
+        if self.sock:
+            return
         try:
             self.sock = socket.create_connection((self.host, self.info.data_port), timeout=HELLO_TIMEOUT)
         except OSError as e:
@@ -201,6 +204,22 @@ class RemoteNode:
         self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.frames = FrameReader(self.sock)
+
+    def step_rtt(self, n: int = 40) -> float:
+        """Median seconds of an empty round trip on the step channel: what every layer step
+        costs this node beyond its compute (network, relay, the worker waking up, a slow or
+        throttled CPU), which the plan weighs against the compute it would take over."""
+        self.connect()
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            self._request(pb.StepRequest(op=pb.PING))
+            self._reply()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+
+    def open(self, ctx: int, kv_dtype: str, wire: str = "f32") -> None:
+        self.connect()
         self._request(pb.StepRequest(op=pb.OPEN, slice_set_id=self.slice_set_id, ctx=ctx,
                                      kv_dtype=kv_dtype, wire=wire))
         self.wire = wire

@@ -13,7 +13,7 @@ step to every remote node, then computes its own share while they work, then col
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,37 @@ def node_weights(remote: list, local: bool) -> list[float]:
         return ([1.0] if local else []) + [w or 1.0 for w in explicit]
     from quant.q8_0 import measure_speed
     return ([measure_speed(cpu_quota())] if local else []) + [r.info.speed_gb_s for r in remote]
+
+
+def time_balanced(whole_seconds: list[float], fixed: list[float]) -> list[float]:
+    """Shares s_i (summing to 1) that give every node the same time per token,
+        t = fixed_i + s_i * whole_seconds_i,
+    where whole_seconds_i is node i's time for the whole model's matmuls (bytes / its speed) and
+    fixed_i what it costs per token whatever its share (a round trip per layer step). A node whose
+    fixed cost alone exceeds t gets nothing: including it would slow every token down."""
+    T = np.asarray(whole_seconds, np.float64)
+    f = np.asarray(fixed, np.float64)
+    active = np.ones(len(T), bool)
+    while True:
+        t = (1 + (f[active] / T[active]).sum()) / (1 / T[active]).sum()
+        drop = active & (f >= t)
+        if not drop.any():
+            return np.where(active, (t - f) / T, 0.0).tolist()
+        active &= ~drop
+
+
+def plan_weights(cfg: LlamaConfig, fmt: str, remote: list, local: bool) -> list[float]:
+    """Each node's share: explicit *W weights as given; else balanced on time per token from
+    each node's measured speed and its measured step round trip (2 per layer + 1 per token)."""
+    speeds = node_weights(remote, local)
+    if any(r.weight is not None for r in remote):
+        return speeds
+    steps = 2 * cfg.n_layers + 1
+    gb = shard_nbytes(cfg, Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size)), fmt) / 1e9
+    fixed = ([0.0] if local else []) + [steps * r.step_rtt() for r in remote]
+    for r, f in zip(remote, fixed[local:]):
+        r.fixed_ms = f * 1e3
+    return time_balanced([gb / v for v in speeds], fixed)
 
 
 def water_fill(weights: list[float], caps: list[float]) -> list[float] | None:
@@ -135,6 +166,7 @@ class Model:
     ctx: int
     load_seconds: float = 0.0
     passes: int = 0              # forward passes so far (the token index of matmul_perf.csv)
+    idle: list = field(default_factory=list)  # workers left out of the plan (too slow to reach)
 
     @staticmethod
     def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=None, progress=None,
@@ -157,7 +189,16 @@ class Model:
         remote = [RemoteNode(addr, w) for addr, w in workers]
         for r in remote:
             r.hello()
-        weights = list(weights or node_weights(remote, local))
+        if weights is None and remote:
+            weights = plan_weights(cfg, fmt, remote, local)
+            idle = [r for r, w in zip(remote, weights[local:]) if w == 0]
+            for r in idle:  # slower to reach than their share of the work would save
+                r.close()
+            remote = [r for r in remote if r not in idle]
+            weights = [w for w in weights if w > 0]
+        else:
+            idle = []
+            weights = list(weights or node_weights(remote, local))
         shards = plan_in_memory(model_dir, cfg, weights, remote, local, fmt, kv_dtype, ctx)
         if not remote:  # several in-process slice sets: tests of the slicing
             shards = plan_shards(cfg, weights)
@@ -186,6 +227,7 @@ class Model:
             node.open(ctx, kv_dtype, wire)
             nodes.append(node)
         m = Model(cfg, tok, embedding, attn_norm, ffn_norm, final_norm, nodes, fmt, kv_dtype, ctx)
+        m.idle = idle
         m.load_seconds = time.perf_counter() - t0
         return m
 

@@ -16,7 +16,7 @@ def _echo(s: str) -> None:
 
 def print_nodes(model) -> None:
     """Which node holds what share."""
-    if not model.remote:
+    if not model.remote and not model.idle:
         return
     for i, n in enumerate(model.nodes):
         if isinstance(n, RemoteNode):
@@ -27,6 +27,10 @@ def print_nodes(model) -> None:
             sh, who = n.shard, "this process"
         _echo(f"node {i}: {who}: heads {sh.heads[0]}-{sh.heads[1]}, ffn units {sh.units[0]}-"
               f"{sh.units[1]}, classifier rows {sh.rows[0]}-{sh.rows[1]}")
+    for n in model.idle:
+        _echo(f"worker {n.addr} ({n.info.speed_gb_s:.1f} GB/s) left out: its step round trips cost "
+              f"{n.fixed_ms:.0f} ms per token, more than its share of the compute would save "
+              "(give it a *W weight to include it anyway)")
 
 
 def print_pings(model) -> None:

@@ -67,9 +67,23 @@ def test_stories_cluster_equals_in_process(workers, nodes, weights, wire):
 def test_stories_workers_only(workers):
     one = Model.load(STORIES)
     ids = one.tokenizer.encode("The dog")
-    many = Model.load(STORIES, workers=[(a, None) for a in workers.addrs[:3]], local=False)
+    many = Model.load(STORIES, workers=[(a, 1.0) for a in workers.addrs[:3]], local=False)
     assert len(many.remote) == 3 and len(many.nodes) == 3
     assert _greedy(many, ids, 40) == _greedy(one, ids, 40)
+
+
+def test_plan_leaves_out_workers_not_worth_their_round_trips(workers):
+    """stories260K's matmuls take microseconds: every worker's round trips cost more than it
+    would save, so the time-balanced plan keeps this process alone (and with --no-local, one
+    worker); explicit weights include them anyway."""
+    one = Model.load(STORIES)
+    ids = one.tokenizer.encode("The dog")
+    auto = Model.load(STORIES, workers=[(a, None) for a in workers.addrs[:2]])
+    assert len(auto.nodes) == 1 and not auto.remote and len(auto.idle) == 2
+    assert all(r.fixed_ms > 0 for r in auto.idle)
+    remote_only = Model.load(STORIES, workers=[(a, None) for a in workers.addrs[:2]], local=False)
+    assert len(remote_only.remote) == 1 and len(remote_only.idle) == 1
+    assert _greedy(auto, ids, 20) == _greedy(remote_only, ids, 20) == _greedy(one, ids, 20)
 
 
 @pytest.mark.parametrize("weights", [[1.0], [3.0, 1.0, 2.0], [1.0, 1.0, 1.0, 5.0]])
@@ -89,7 +103,7 @@ def test_perf_csv_and_profile(workers, tmp_path):
     import subprocess
     csv = tmp_path / "matmul_perf.csv"
     p = subprocess.run([str(ROOT / "bin/client"), str(STORIES), "-i", "Once upon a time", "-n", "20",
-                        "--workers", ",".join(workers.addrs[:2]), "--perf-csv", str(csv)],
+                        "--workers", ",".join(f"{a}*1" for a in workers.addrs[:2]), "--perf-csv", str(csv)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("Once upon a time, there was a little girl named Lily.")

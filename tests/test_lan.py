@@ -182,7 +182,7 @@ def test_cluster_end_to_end():
         # inside its host a worker sees its caps: no socket polling under a CPU quota, and the
         # memory it reports (for the client's plan) is within its cgroup's limit
         assert "CPU quota 0.5 cores: no polling" in c.log("w1") and "quota" not in c.log("w0")
-        got = c.run_client([*args, "--no-local", "--workers", c.workers_arg()])
+        got = c.run_client([*args, "--no-local", "--workers", c.workers_arg([1, 1])])
         assert got.returncode == 0, got.stderr
         assert json.loads(got.stdout)["new_ids"] == json.loads(want.stdout)["new_ids"]
         assert "127.0.0.1:7002" in got.stderr and "avg round trip" in got.stderr

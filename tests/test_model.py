@@ -223,3 +223,15 @@ def test_plan_respects_each_nodes_memory(monkeypatch):
     monkeypatch.setattr(cm, "available_memory", lambda: (1 << 20, "memory cgroup limit, /x/memory.limit_in_bytes"))
     with pytest.raises(UserError, match=r"this host.s share needs .* GB but it has 0.00 GB \(memory cgroup"):
         Model.load(STORIES)
+
+
+def test_time_balanced_shares_weigh_each_nodes_round_trips():
+    """Equal time per token: share_i * whole_i + fixed_i = t. With no fixed cost, shares follow
+    speed; a node whose round trips alone outlast t is left out."""
+    from client.model import time_balanced
+    whole = [1.0, 4.0, 4.0, 4.0]                      # one node 4x faster
+    assert np.allclose(time_balanced(whole, [0, 0, 0, 0]), [4 / 7, 1 / 7, 1 / 7, 1 / 7])
+    s = time_balanced(whole, [0, 0.2, 0.2, 0.2])
+    t = [f + x * w for f, x, w in zip([0, 0.2, 0.2, 0.2], s, whole)]
+    assert abs(sum(s) - 1) < 1e-12 and np.allclose(t, t[0]) and s[1] < 1 / 7
+    assert time_balanced(whole, [0, 1.0, 1.0, 1.0]) == [1.0, 0.0, 0.0, 0.0]
