@@ -125,6 +125,7 @@ class RemoteNode:
         self.token = 0           # set by the model: which forward pass the calls belong to
         self.calls: list[Call] = []
         self._pending = None
+        self.fixed_ms = None     # what its step round trips cost per token, if the plan measured it
 
     def hello(self) -> pb.HelloReply:
         try:
@@ -205,18 +206,27 @@ class RemoteNode:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.frames = FrameReader(self.sock)
 
-    def step_rtt(self, n: int = 40) -> float:
-        """Median seconds of an empty round trip on the step channel: what every layer step
-        costs this node beyond its compute (network, relay, the worker waking up, a slow or
-        throttled CPU), which the plan weighs against the compute it would take over."""
+    def step_cost(self, nbytes: int, n: int = 30) -> float:
+        """Seconds that each layer step costs this node beyond its compute, from PINGs on the
+        step channel carrying a step's nbytes each way: the median round trip of single pings
+        (network, relay, waking up) plus the time per ping of a pipelined burst, which keeps the
+        node busy as real steps do, so that on a slow or CPU-capped node the CPU the step path
+        takes (syscalls, the kernel's network stack, Python) shows at the node's own pace. The
+        plan weighs it against the compute the node would take over."""
         self.connect()
-        ts = []
+        ping = pb.StepRequest(op=pb.PING, x=bytes(nbytes))
+        single = []
         for _ in range(n):
             t = time.perf_counter()
-            self._request(pb.StepRequest(op=pb.PING))
+            self._request(ping)
             self._reply()
-            ts.append(time.perf_counter() - t)
-        return float(np.median(ts))
+            single.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(n):  # n x nbytes stays well inside the sockets' buffers
+            self._request(ping)
+        for _ in range(n):
+            self._reply()
+        return float(np.median(single)) + (time.perf_counter() - t) / n
 
     def open(self, ctx: int, kv_dtype: str, wire: str = "f32") -> None:
         self.connect()

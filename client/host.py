@@ -37,20 +37,36 @@ def _cgroup_dirs():
 
 def cpu_quota() -> float | None:
     """Cores this process's CPU cgroup allows (quota / period), or None if unlimited."""
+    q = cfs_quota()
+    return q[0] / q[1] if q else None
+
+
+def cfs_quota() -> tuple[int, int] | None:
+    """(quota, period) in microseconds of this process's CPU cgroup, or None if unlimited."""
     for controllers, path in _cgroup_dirs():
         if "cpu" in controllers:                                    # cgroup v1
             base = Path("/sys/fs/cgroup/cpu") / path
             quota, period = _read_int(base / "cpu.cfs_quota_us"), _read_int(base / "cpu.cfs_period_us")
             if quota and quota > 0 and period:
-                return quota / period
+                return quota, period
         elif controllers == [""]:                                   # cgroup v2
             try:
                 quota, period = (Path("/sys/fs/cgroup") / path / "cpu.max").read_text().split()
             except (OSError, ValueError):
                 continue
             if quota != "max":
-                return int(quota) / int(period)
+                return int(quota), int(period)
     return None
+
+
+def quota_stall(quota_us: int, period_us: int) -> float:
+    """Seconds a busy CFS-capped process keeps a request waiting, on average: it may run `quota`
+    of every `period`, so a request arriving at a random moment finds it throttled for the rest
+    of the period (1 - quota/period of the time), half of it on average: 3.5 ms for 0.125 core
+    of an 8 ms period, 1.5 ms for 0.25 of 4 ms, measured 3.5 and ~1.5 per step here. Zero for a
+    quota of a whole core or more per thread."""
+    frac = min(1.0, quota_us / period_us)
+    return (1 - frac) * period_us / 2 * 1e-6
 
 
 def cgroup_room() -> tuple[int, str] | None:

@@ -23,7 +23,7 @@ from client.checkpoint import Checkpoint
 from client.cluster import RemoteNode, manifest_key, read_manifest, write_manifest
 from client.config import LlamaConfig
 from client.errors import UserError
-from client.host import available_memory, cpu_quota
+from client.host import available_memory, cpu_quota, quota_stall
 from client.slices import (Shard, SliceSet, matrix_nbytes, layer_name, load_matrix, output_name,
                            shard_nbytes, shard_tensors)
 from client.tokenizer import Tokenizer
@@ -85,15 +85,20 @@ def time_balanced(whole_seconds: list[float], fixed: list[float]) -> list[float]
         active &= ~drop
 
 
-def plan_weights(cfg: LlamaConfig, fmt: str, remote: list, local: bool) -> list[float]:
+def plan_weights(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: str) -> list[float]:
     """Each node's share: explicit *W weights as given; else balanced on time per token from
-    each node's measured speed and its measured step round trip (2 per layer + 1 per token)."""
+    each node's measured speed and what its 2L + 1 steps per token cost beyond compute: the
+    measured step round trip, plus, on a worker under a CPU quota, the wait for its next period
+    (see host.quota_stall)."""
     speeds = node_weights(remote, local)
     if any(r.weight is not None for r in remote):
         return speeds
     steps = 2 * cfg.n_layers + 1
     gb = shard_nbytes(cfg, Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size)), fmt) / 1e9
-    fixed = ([0.0] if local else []) + [steps * r.step_rtt() for r in remote]
+    step_bytes = len(encode(np.zeros((1, cfg.dim), np.float32), request_wire(wire)))
+    fixed = ([0.0] if local else []) + [
+        steps * (r.step_cost(step_bytes) + (quota_stall(r.info.cfs_quota_us, r.info.cfs_period_us)
+                                            if r.info.cfs_period_us else 0.0)) for r in remote]
     for r, f in zip(remote, fixed[local:]):
         r.fixed_ms = f * 1e3
     return time_balanced([gb / v for v in speeds], fixed)
@@ -190,7 +195,7 @@ class Model:
         for r in remote:
             r.hello()
         if weights is None and remote:
-            weights = plan_weights(cfg, fmt, remote, local)
+            weights = plan_weights(cfg, fmt, remote, local, wire)
             idle = [r for r, w in zip(remote, weights[local:]) if w == 0]
             for r in idle:  # slower to reach than their share of the work would save
                 r.close()

@@ -21,16 +21,17 @@ def print_nodes(model) -> None:
     for i, n in enumerate(model.nodes):
         if isinstance(n, RemoteNode):
             sent = f"{n.uploaded_bytes / 1e6:,.1f} MB uploaded" if n.uploaded_bytes else "all cached there"
-            sh, who = n.shard, (f"{n.addr} ({n.info.cores} cores, {n.info.speed_gb_s:.1f} GB/s, "
+            rtt = f"steps cost {n.fixed_ms:.0f} ms/token beyond compute, " if n.fixed_ms is not None else ""
+            sh, who = n.shard, (f"{n.addr} ({n.info.cores} cores, {n.info.speed_gb_s:.1f} GB/s, {rtt}"
                                 f"{n.info.memory_bytes / 1e9:.1f} GB free, {sent})")
         else:
             sh, who = n.shard, "this process"
         _echo(f"node {i}: {who}: heads {sh.heads[0]}-{sh.heads[1]}, ffn units {sh.units[0]}-"
               f"{sh.units[1]}, classifier rows {sh.rows[0]}-{sh.rows[1]}")
     for n in model.idle:
-        _echo(f"worker {n.addr} ({n.info.speed_gb_s:.1f} GB/s) left out: its step round trips cost "
-              f"{n.fixed_ms:.0f} ms per token, more than its share of the compute would save "
-              "(give it a *W weight to include it anyway)")
+        _echo(f"worker {n.addr} ({n.info.speed_gb_s:.1f} GB/s) left out: its steps would cost "
+              f"{n.fixed_ms:.0f} ms per token beyond compute (round trips, waits for its CPU "
+              "quota), more than its share of the compute would save (a *W weight includes it)")
 
 
 def print_pings(model) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from client.config import LlamaConfig
 from client.errors import UserError
-from client.host import available_memory, cpu_quota
+from client.host import available_memory, cfs_quota, cpu_quota
 from client.slices import KV_DTYPES, Shard, SliceSet, shard_nbytes
 from proto import tensorlan_pb2 as pb
 from worker.cache import TensorCache
@@ -54,7 +54,7 @@ class Worker(rpc.WorkerServicer):
         # between steps the step channel polls its socket for a few ms (wakes ~120 us sooner),
         # unless a CPU quota caps this host: there polling spends the quota, and the next step
         # waits for the next CFS period (measured: 0.25-core worker 23 -> 15 tok/s)
-        self.quota = cpu_quota()
+        self.quota, self.cfs = cpu_quota(), cfs_quota()
         self.spin = 0.0 if self.quota else 0.005
         self.speed = q8_0.measure_speed(self.quota)
         self.data_port, self.threads = data_port, threads
@@ -66,7 +66,8 @@ class Worker(rpc.WorkerServicer):
         return pb.HelloReply(protocol_version=PROTOCOL_VERSION, worker_id=self.id,
                              cores=len(os.sched_getaffinity(0)), threads=self.threads,
                              memory_bytes=available_memory()[0], speed_gb_s=self.speed,
-                             data_port=self.data_port)
+                             data_port=self.data_port, cfs_quota_us=self.cfs[0] if self.cfs else 0,
+                             cfs_period_us=self.cfs[1] if self.cfs else 0)
 
     def Ping(self, request, context):
         return pb.PingReply(payload=request.payload)
@@ -161,7 +162,8 @@ class Worker(rpc.WorkerServicer):
         """One request of a session -> its reply; errors become an error reply, never a crash."""
         reply = pb.StepReply(seq=req.seq)
         try:
-            if req.op == pb.PING:
+            if req.op == pb.PING:  # echo: the client times the channel with a step's bytes
+                reply.y = req.x
                 return reply
             if req.op == pb.OPEN:
                 self.close(state)
