@@ -7,8 +7,9 @@ capped at 1 gbit, a relay adding 0.1 ms each way.
                                            [--wire q8_0]
 
 Configurations: hosts capped at 0.25 core for N = 1, 2, 4 (0.25x1 ...); at 0.125 core for N = 1,
-2, 4, 8; one 0.5-core host with three 0.125-core ones, split by the speed each worker measured at
-its start (mixed-balanced, the client's default) or equally (mixed-equal, `*1` weights). Each
+2, 4, 8; one 0.5-core host with three 0.125-core ones, split by the client's default plan (mixed-
+balanced: equal time per token from each worker's speed and step cost, see client/model.py
+plan_weights; it may leave slow workers out) or equally (mixed-equal, `*1` weights). Each
 prints generation tok/s, the speedup over N = 1 at the same cap, ms per token split into compute
 (the slowest worker's compute per block, summed), wire (that block's slowest round trip beyond it)
 and client/wait (the rest), bytes per token on the wire, the workers' peak memory and the relay's
@@ -32,7 +33,7 @@ from bench.lan import Cluster, need_root
 OUT = ROOT / "bench" / "out"
 PROMPT = "Once upon a time"
 MIXED = [0.5, 0.125, 0.125, 0.125]
-# name -> (cores per worker host, --workers weights or None for the measured speeds)
+# name -> (cores per worker host, --workers weights or None for the client's default plan)
 CONFIGS = {
     **{f"0.25x{n}": ([0.25] * n, None) for n in (1, 2, 4)},
     **{f"0.125x{n}": ([0.125] * n, None) for n in (1, 2, 4, 8)},
@@ -113,7 +114,7 @@ def print_table(rows: list[dict], model: str, tokens: int, rate: str, delay_ms: 
               f"{r['bytes_per_token'] / 1000:>7.1f} {r['relay_overhead_us']:>8.0f}  {r['peak_mib']}")
     by = {r["config"]: r for r in rows}
     if "mixed-balanced" in by and "mixed-equal" in by:
-        print(f"mixed cluster: measured-speed split {by['mixed-balanced']['tok_s'] / by['mixed-equal']['tok_s']:.2f}x "
+        print(f"mixed cluster: the default (balanced) plan {by['mixed-balanced']['tok_s'] / by['mixed-equal']['tok_s']:.2f}x "
               f"the equal split")
 
 

@@ -235,3 +235,10 @@ def test_time_balanced_shares_weigh_each_nodes_round_trips():
     t = [f + x * w for f, x, w in zip([0, 0.2, 0.2, 0.2], s, whole)]
     assert abs(sum(s) - 1) < 1e-12 and np.allclose(t, t[0]) and s[1] < 1 / 7
     assert time_balanced(whole, [0, 1.0, 1.0, 1.0]) == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_quota_stall_is_half_the_throttled_part_of_a_period():
+    from client.host import quota_stall
+    assert quota_stall(1000, 8000) == pytest.approx(3.5e-3)   # 0.125 core
+    assert quota_stall(1000, 4000) == pytest.approx(1.5e-3)   # 0.25 core
+    assert quota_stall(8000, 4000) == 0.0                     # two cores' worth: never throttled
