@@ -177,8 +177,9 @@ class Model:
     def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=None, progress=None,
              workers=(), local=True, cache=True, wire="f32"):
         """Load a model; with `workers` [(host:port, weight or None)], spread it over them (and
-        this process unless local=False), in proportion to the weights, by default each node's
-        measured speed. Every node's share is checked against its memory before anything is
+        this process unless local=False): in proportion to explicit weights, else with equal
+        time per token on every node (plan_weights; workers not worth their round trips are left
+        out, in `idle`). Every node's share is checked against its memory before anything is
         loaded; workers get theirs streamed (and, with `cache`, only what they do not hold)."""
         t0 = time.perf_counter()
         model_dir = Path(model_dir)
