@@ -24,11 +24,12 @@ from client.cluster import RemoteNode, manifest_key, read_manifest, write_manife
 from client.config import LlamaConfig
 from client.errors import UserError
 from client.host import available_memory, cpu_quota, quota_stall
-from client.slices import (Shard, SliceSet, matrix_nbytes, layer_name, load_matrix, output_name,
+from client.slices import (Shard, SliceSet, layer_name, load_matrix, output_name,
                            shard_nbytes, shard_tensors)
 from client.tokenizer import Tokenizer
 from proto.wire import encode, request_wire
 from quant.q8_0 import QK, Q8Tensor, dequantize
+from quant.q8_0 import nbytes as q8_nbytes
 
 
 def split_counts(total: int, weights: list[float]) -> list[int]:
@@ -133,7 +134,7 @@ def plan_in_memory(model_dir, cfg: LlamaConfig, weights: list[float], remote: li
     room = ([available_memory()] if local else []) + [
         (r.info.memory_bytes, f"available on worker {r.addr}") for r in remote]
     names = (["this host"] if local else []) + [f"worker {r.addr}" for r in remote]
-    extra = ([matrix_nbytes(cfg.vocab_size, cfg.dim, fmt)] if local else []) + [0] * len(remote)
+    extra = ([q8_nbytes(cfg.vocab_size, cfg.dim, fmt)] if local else []) + [0] * len(remote)
     if not remote:  # everything in this process (several in-process slice sets: tests)
         weights = [1.0]
     caps = [max(0.0, (r - margin - e) / (total * 1.02)) for (r, _), e in zip(room, extra)]

@@ -162,10 +162,6 @@ def _load_wo(ckpt, cfg, l, heads, fmt):
     return load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h0 * d, h1 * d), fmt=fmt)
 
 
-def matrix_nbytes(rows: int, cols: int, fmt: str) -> int:
-    return rows * q8.padded(cols) // q8.QK * (q8.QK + 2) if fmt == "q8_0" else rows * cols * 4
-
-
 def shard_nbytes(cfg: LlamaConfig, shard: Shard, fmt="q8_0", ctx: int = 0, kv_dtype="bf16") -> int:
     """Bytes a node holding `shard` needs for its weights (and, given ctx, its KV caches),
     from the shapes alone: for planning and memory checks before anything is loaded."""
@@ -176,11 +172,11 @@ def shard_nbytes(cfg: LlamaConfig, shard: Shard, fmt="q8_0", ctx: int = 0, kv_dt
     d_wo = q8.padded(d) if fmt == "q8_0" else d  # Wo's head columns, padded per head (see _load_wo)
     layer = 0
     if nq:
-        layer += matrix_nbytes((nq + 2 * nkv) * d, D, fmt) + matrix_nbytes(D, nq * d_wo, fmt)
+        layer += q8.nbytes((nq + 2 * nkv) * d, D, fmt) + q8.nbytes(D, nq * d_wo, fmt)
         layer += 2 * nkv * ctx * d * np.dtype(KV_DTYPES[kv_dtype]).itemsize
     if nu:
-        layer += matrix_nbytes(2 * nu, D, fmt) + matrix_nbytes(D, nu, fmt)
-    return cfg.n_layers * layer + matrix_nbytes(shard.rows[1] - shard.rows[0], D, fmt)
+        layer += q8.nbytes(2 * nu, D, fmt) + q8.nbytes(D, nu, fmt)
+    return cfg.n_layers * layer + q8.nbytes(shard.rows[1] - shard.rows[0], D, fmt)
 
 
 def shard_tensors(ckpt: Checkpoint, cfg: LlamaConfig, shard: Shard, fmt="q8_0", classifier=None):

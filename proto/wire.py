@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from proto import tensorlan_pb2 as pb
-from quant.q8_0 import Q8Tensor, dequantize, from_bf16, padded, quantize, to_bf16
+from quant.q8_0 import Q8Tensor, dequantize, from_bf16, nbytes, padded, quantize, to_bf16
 
 PROTOCOL_VERSION = 2
 MAX_FRAME = 256 << 20
@@ -94,9 +94,7 @@ def pack_tensor(name: str, w) -> tuple[pb.TensorInfo, list[memoryview]]:
 
 def tensor_nbytes(dtype: str, shape) -> int:
     rows, cols = shape
-    if dtype == "q8_0":
-        return rows * padded(cols) + rows * padded(cols) // 32 * 2
-    return rows * cols * 4
+    return nbytes(rows, cols, "q8_0" if dtype == "q8_0" else "f32")
 
 
 def unpack_tensor(info: pb.TensorInfo, data, verify: bool = True):

@@ -147,6 +147,12 @@ def padded(cols: int) -> int:
     return (cols + QK - 1) // QK * QK
 
 
+def nbytes(rows: int, cols: int, fmt: str = "q8_0") -> int:
+    """Bytes of a [rows, cols] weight held as Q8_0 (int8 quants of the padded row, then one fp16
+    scale per block of 32) or as f32."""
+    return rows * padded(cols) // QK * (QK + 2) if fmt == "q8_0" else rows * cols * 4
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize: f32 / f16 / bf16 rows -> Q8_0 (bit-exact with llama.cpp's quantize_row_q8_0_ref)
 # ---------------------------------------------------------------------------------------------
