@@ -62,6 +62,12 @@ def _model_options(f):
     f = click.option("--no-cache", is_flag=True,
                      help="Send workers every slice again, even those they still hold from an "
                      "earlier run with the same model and plan (by default only hashes go).")(f)
+    f = click.option("--on-worker-loss", type=click.Choice(["replan", "fail"]), default="replan",
+                     show_default=True,
+                     help="A worker that dies or stops answering (each step has a deadline): replan "
+                     "= warn once, split the model over the nodes left, rebuild the lost KV caches "
+                     "by replaying the tokens so far, and go on (same output); fail = stop with "
+                     "an error.")(f)
     f = click.option("--perf-csv", type=click.Path(path_type=Path), default=None,
                      help="Write one row per call to a worker (token, layer, block, worker, rows, "
                      "bytes, compute and round-trip us) to this CSV file.")(f)
@@ -77,7 +83,7 @@ def _workers(workers: str, cluster_file) -> list:
 
 
 def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_local, no_cache, wire,
-          quiet=False, **_):
+          on_worker_loss, quiet=False, **_):
     from client.model import Model
     from client.progress import Progress
     from quant.q8_0 import max_threads, set_threads
@@ -96,7 +102,7 @@ def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_
 
     model = Model.load(model_dir, fmt=weights, kv_dtype=kv_dtype, ctx=ctx,
                        progress=None if quiet else progress, workers=_workers(workers, cluster_file),
-                       local=not no_local, cache=not no_cache, wire=wire)
+                       local=not no_local, cache=not no_cache, wire=wire, on_loss=on_worker_loss)
     if bar:
         bar.close()
     return model

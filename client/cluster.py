@@ -7,6 +7,8 @@
     .wait()                         ... and read its StepReply: the partial sum
 
 Every call is timed: `calls` keeps one record per step for matmul_perf.csv and the profile.
+Every call has a deadline: a worker that dies, hangs or drops its connection raises NodeLost
+within it, and the model re-plans without that worker (client/model.py, Model.recover).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,18 @@ from proto.wire import (PROTOCOL_VERSION, FrameReader, WireError, decode, encode
 OPS = {"attention": pb.ATTENTION, "ffn": pb.FFN, "logits": pb.LOGITS}
 CHUNK = 1 << 20
 _STATUS = {c.value[0]: c.name for c in grpc.StatusCode}
+LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 HELLO_TIMEOUT = 10.0
+STEP_TIMEOUT = 2.0       # a step's deadline beyond its expected compute (see RemoteNode.deadline)
+UPLOAD_RATE = 2e6        # an upload's deadline: 30 s + its bytes at this rate (bytes/s)
+
+
+class NodeLost(Exception):
+    """A worker stopped answering: its connection broke or a call missed its deadline."""
+
+    def __init__(self, node: "RemoteNode", why: str):
+        super().__init__(f"worker {node.addr} lost ({why})")
+        self.node, self.why = node, why
 
 
 def parse_workers(spec: str) -> list[tuple[str, float | None]]:
@@ -126,11 +140,15 @@ class RemoteNode:
         self.calls: list[Call] = []
         self._pending = None
         self.fixed_ms = None     # what its step round trips cost per token, if the plan measured it
+        self.token_seconds = 0.0 # its expected compute for one token through its shard (deadlines)
+        self.step_timeout = STEP_TIMEOUT
+        self._timeout = None
+        self._step_cost = {}     # nbytes -> measured step cost (kept across re-plans)
 
-    def hello(self) -> pb.HelloReply:
+    def hello(self, timeout: float = HELLO_TIMEOUT) -> pb.HelloReply:
         try:
             h = self.stub.Hello(pb.HelloRequest(protocol_version=PROTOCOL_VERSION, client="tensorlan"),
-                                timeout=HELLO_TIMEOUT)
+                                timeout=timeout)
         except grpc.RpcError as e:
             raise UserError(f"worker {self.addr} is unreachable ({e.code().name}): start it with "
                             f"`bin/worker PORT` there, or fix --workers")
@@ -182,11 +200,13 @@ class RemoteNode:
                         bar.update(done)
 
         try:
-            reply = self.stub.Upload(chunks())
+            reply = self.stub.Upload(chunks(), timeout=30 + total / UPLOAD_RATE)
         except grpc.RpcError as e:
+            bar.close()
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and any(have):  # evicted meanwhile
-                bar.close()
                 return self.upload(shard, loaders, config_json, total)
+            if e.code() in LOST:
+                raise NodeLost(self, f"upload: {e.code().name}")
             raise UserError(f"worker {self.addr} refused the upload: {e.details()}")
         bar.close()
         self.slice_set_id, self.shard = reply.slice_set_id, shard
@@ -202,7 +222,8 @@ class RemoteNode:
         except OSError as e:
             raise UserError(f"worker {self.addr}: step channel port {self.info.data_port} "
                             f"unreachable ({e.strerror or e}); open it in the firewall")
-        self.sock.settimeout(None)
+        self.sock.settimeout(None)  # blocking, with deadlines from SO_RCVTIMEO (see deadline)
+        self._timeout = None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.frames = FrameReader(self.sock)
 
@@ -214,6 +235,8 @@ class RemoteNode:
         takes (syscalls, the kernel's network stack, Python) shows at the node's own pace. The
         plan weighs it against the compute the node would take over."""
         self.connect()
+        if nbytes in self._step_cost:  # measured before (a re-plan after a worker loss)
+            return self._step_cost[nbytes]
         ping = pb.StepRequest(op=pb.PING, x=bytes(nbytes))
         single = []
         for _ in range(n):
@@ -226,38 +249,68 @@ class RemoteNode:
             self._request(ping)
         for _ in range(n):
             self._reply()
-        return float(np.median(single)) + (time.perf_counter() - t) / n
+        self._step_cost[nbytes] = float(np.median(single)) + (time.perf_counter() - t) / n
+        return self._step_cost[nbytes]
 
-    def open(self, ctx: int, kv_dtype: str, wire: str = "f32") -> None:
+    def open(self, ctx: int, kv_dtype: str, wire: str = "f32", slots: int = 1) -> None:
+        """A session on the step channel: fresh KV caches for `slots` sequences of ctx positions."""
         self.connect()
         self._request(pb.StepRequest(op=pb.OPEN, slice_set_id=self.slice_set_id, ctx=ctx,
-                                     kv_dtype=kv_dtype, wire=wire))
+                                     kv_dtype=kv_dtype, wire=wire, slots=slots))
         self.wire = wire
         self._reply()
+
+    def deadline(self, tokens: int) -> float:
+        """Seconds a step of `tokens` rows may take before the worker counts as lost: the fixed
+        step_timeout plus four times its expected compute for them (a whole token's shard per
+        row, more than any one step needs)."""
+        return self.step_timeout + 4 * tokens * self.token_seconds
+
+    def _set_timeout(self, seconds: float) -> None:
+        """The kernel's receive and send timeouts on the step channel (SO_RCVTIMEO/SO_SNDTIMEO):
+        a blocked read or write fails after `seconds`, while the socket stays blocking for
+        Python, so FrameReader's non-blocking polls still return at once."""
+        if seconds != self._timeout:
+            tv = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            self._timeout = seconds
 
     def _request(self, req) -> int:
         self.seq += 1
         req.seq = self.seq
-        return send_frame(self.sock, req)
+        self._set_timeout(self.deadline(max(1, req.tokens)))
+        try:
+            return send_frame(self.sock, req)
+        except OSError as e:
+            raise NodeLost(self, f"send: {e.strerror or type(e).__name__}")
 
     def _reply(self):
         try:
             rep, n = self.frames.read(pb.StepReply)
+        except BlockingIOError:
+            raise NodeLost(self, f"no reply within {self._timeout:.1f} s")
         except (WireError, OSError) as e:
-            raise UserError(f"worker {self.addr}: step channel broke ({e})")
+            raise NodeLost(self, f"step channel broke: {e}")
         if rep is None:
-            raise UserError(f"worker {self.addr} closed the step channel")
+            raise NodeLost(self, "it closed the step channel")
         if rep.error_code:
             raise UserError(f"worker {self.addr}: {_STATUS.get(rep.error_code, rep.error_code)}: {rep.error}")
         return rep, n
 
-    def start(self, op: str, layer: int, x: np.ndarray, pos: int, payload: bytes | None = None) -> None:
-        """Send one step: x [T, D], already encoded for the wire in `payload` when the same
-        activations go to several workers (encoded once)."""
+    def start(self, op: str, layer: int, x: np.ndarray, segs, payload: bytes | None = None) -> None:
+        """Send one step: x [T, D] whose rows segs [(slot, p0, n)] place (see slices.rows_of),
+        already encoded for the wire in `payload` when the same activations go to several
+        workers (encoded once)."""
         t = time.perf_counter()
         if payload is None:
             payload = encode(x, request_wire(self.wire))
-        sent = self._request(pb.StepRequest(op=OPS[op], layer=layer, pos=pos, tokens=x.shape[0], x=payload))
+        req = pb.StepRequest(op=OPS[op], layer=layer, tokens=x.shape[0], x=payload)
+        if len(segs) == 1 and segs[0][0] == 0:
+            req.pos = segs[0][1]
+        else:
+            req.seg_slot[:], req.seg_pos[:], req.seg_len[:] = zip(*segs)
+        sent = self._request(req)
         self._pending = (op, layer, x.shape, sent, t)
 
     def wait(self) -> np.ndarray:
@@ -284,7 +337,12 @@ class RemoteNode:
             ts.append(time.perf_counter() - t)
         return float(np.median(ts) * 1e6)
 
-    def close(self) -> None:
+    def disconnect(self) -> None:
+        """Close the step channel: the worker ends the session and frees its KV caches."""
         if self.sock:
             self.sock.close()
+        self.sock = self.frames = self._pending = None
+
+    def close(self) -> None:
+        self.disconnect()
         self.channel.close()

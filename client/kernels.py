@@ -73,16 +73,18 @@ def _rope(v, cos, sin):
 
 
 @njit(parallel=True, **_JIT)
-def attention(qkv, p0, cos, sin, kc, vc, kv_of_q, nq):
-    """qkv [T, (nq + 2 nkv) d] = this slice's q heads, then its k heads, then its v heads, for
-    positions p0 .. p0+T-1. RoPE q and k, append k, v to the caches kc, vc [nkv, ctx, d], and
-    return o [T, nq d] = softmax(q K^T / sqrt(d), causal) V for each query head, where query head
-    j reads cache head kv_of_q[j]."""
+def attention(qkv, pos, slot, cos, sin, kc, vc, kv_of_q, nq):
+    """qkv [T, (nq + 2 nkv) d] = this slice's q heads, then its k heads, then its v heads; row t is
+    the token at position pos[t] of the sequence in KV slot slot[t] (a batch may hold several
+    sequences, each a run of consecutive positions). RoPE q and k, write k, v into the caches
+    kc, vc [slots, nkv, ctx, d], and return o [T, nq d] = softmax(q K^T / sqrt(d), causal) V per
+    query head, over positions 0 .. pos[t] of its own slot; query head j reads cache head
+    kv_of_q[j]."""
     T = qkv.shape[0]
-    nkv, ctx, d = kc.shape
+    nkv, d = kc.shape[1], kc.shape[3]
     q = np.empty((T, nq, d), np.float32)
     for t in range(T):
-        c, s = cos[p0 + t], sin[p0 + t]
+        c, s, p, b = cos[pos[t]], sin[pos[t]], pos[t], slot[t]
         for j in range(nq):
             q[t, j] = qkv[t, j * d:(j + 1) * d]
             _rope(q[t, j], c, s)
@@ -91,21 +93,21 @@ def attention(qkv, p0, cos, sin, kc, vc, kv_of_q, nq):
             _rope(k, c, s)
             v0 = (nq + nkv + j) * d
             for e in range(d):
-                kc[j, p0 + t, e] = _kv_put(kc[0, 0, 0], k[e])
-                vc[j, p0 + t, e] = _kv_put(vc[0, 0, 0], qkv[t, v0 + e])
+                kc[b, j, p, e] = _kv_put(kc[0, 0, 0, 0], k[e])
+                vc[b, j, p, e] = _kv_put(vc[0, 0, 0, 0], qkv[t, v0 + e])
     out = np.empty((T, nq * d), np.float32)
     scale = np.float32(1.0 / np.sqrt(d))
     for job in prange(T * nq):
         t, j = job // nq, job % nq
-        kv = kv_of_q[j]
-        n = p0 + t + 1  # causal: positions 0 .. p0+t
+        kv, b = kv_of_q[j], slot[t]
+        n = pos[t] + 1  # causal: positions 0 .. pos[t]
         qv = q[t, j]
         score = np.empty(n, np.float32)
         m = np.float32(-np.inf)
         for p in range(n):
             acc = np.float32(0.0)
             for e in range(d):
-                acc += qv[e] * _kv_get(kc[kv, p, e])
+                acc += qv[e] * _kv_get(kc[b, kv, p, e])
             acc *= scale
             score[p] = acc
             m = max(m, acc)
@@ -117,6 +119,6 @@ def attention(qkv, p0, cos, sin, kc, vc, kv_of_q, nq):
         for p in range(n):
             w = score[p] / total
             for e in range(d):
-                o[e] += w * _kv_get(vc[kv, p, e])
+                o[e] += w * _kv_get(vc[b, kv, p, e])
         out[t, j * d:(j + 1) * d] = o
     return out

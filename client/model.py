@@ -12,6 +12,7 @@ step to every remote node, then computes its own share while they work, then col
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from client import kernels
 from client.checkpoint import Checkpoint
-from client.cluster import RemoteNode, manifest_key, read_manifest, write_manifest
+from client.cluster import NodeLost, RemoteNode, manifest_key, read_manifest, write_manifest
 from client.config import LlamaConfig
 from client.errors import UserError
 from client.host import available_memory, cpu_quota, quota_stall
@@ -30,6 +31,11 @@ from client.tokenizer import Tokenizer
 from proto.wire import encode, request_wire
 from quant.q8_0 import QK, Q8Tensor, dequantize
 from quant.q8_0 import nbytes as q8_nbytes
+
+
+def warn(msg: str) -> None:
+    """One line on stderr: something went wrong and the run carries on."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def split_counts(total: int, weights: list[float]) -> list[int]:
@@ -125,11 +131,11 @@ def water_fill(weights: list[float], caps: list[float]) -> list[float] | None:
 
 
 def plan_in_memory(model_dir, cfg: LlamaConfig, weights: list[float], remote: list, local: bool,
-                   fmt: str, kv_dtype: str, ctx: int) -> list[Shard]:
+                   fmt: str, kv_dtype: str, ctx: int, slots: int = 1) -> list[Shard]:
     """plan_shards, with no node given more than fits its memory (what does not fit goes to the
     others, by weight); if the model cannot fit at all, a UserError before anything is loaded."""
     whole = Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size))
-    total = shard_nbytes(cfg, whole, fmt, ctx, kv_dtype)
+    total = shard_nbytes(cfg, whole, fmt, ctx, kv_dtype, slots)
     margin = 64 << 20          # the runtime's own allocations while loading
     room = ([available_memory()] if local else []) + [
         (r.info.memory_bytes, f"available on worker {r.addr}") for r in remote]
@@ -143,7 +149,7 @@ def plan_in_memory(model_dir, cfg: LlamaConfig, weights: list[float], remote: li
         if frac is None:
             break
         shards = plan_shards(cfg, frac)
-        need = [int(shard_nbytes(cfg, sh, fmt, ctx, kv_dtype) * 1.02) + margin + e
+        need = [int(shard_nbytes(cfg, sh, fmt, ctx, kv_dtype, slots) * 1.02) + margin + e
                 for sh, e in zip(shards, extra)]
         over = [i for i, (n, (r, _)) in enumerate(zip(need, room)) if n > r]
         if not over:
@@ -170,18 +176,24 @@ class Model:
     fmt: str
     kv_dtype: str
     ctx: int
+    slots: int = 1               # KV cache slots: sequences that can decode together
     load_seconds: float = 0.0
     passes: int = 0              # forward passes so far (the token index of matmul_perf.csv)
     idle: list = field(default_factory=list)  # workers left out of the plan (too slow to reach)
+    lost: list = field(default_factory=list)  # workers that stopped answering (addresses)
+    on_loss: str = "replan"      # a worker lost: "replan" over the rest, or "fail"
+    history: dict = field(default_factory=dict)  # slot -> the token ids its KV caches hold
+    src: dict = field(default_factory=dict)      # what placing slices needs (see place)
 
     @staticmethod
     def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=None, progress=None,
-             workers=(), local=True, cache=True, wire="f32"):
+             workers=(), local=True, cache=True, wire="f32", slots=1, on_loss="replan"):
         """Load a model; with `workers` [(host:port, weight or None)], spread it over them (and
         this process unless local=False): in proportion to explicit weights, else with equal
         time per token on every node (plan_weights; workers not worth their round trips are left
         out, in `idle`). Every node's share is checked against its memory before anything is
-        loaded; workers get theirs streamed (and, with `cache`, only what they do not hold)."""
+        loaded; workers get theirs streamed (and, with `cache`, only what they do not hold).
+        `slots` sequences can decode together (forward_batch), each with its own KV caches."""
         t0 = time.perf_counter()
         model_dir = Path(model_dir)
         cfg = LlamaConfig.load(model_dir)
@@ -196,19 +208,6 @@ class Model:
         remote = [RemoteNode(addr, w) for addr, w in workers]
         for r in remote:
             r.hello()
-        if weights is None and remote:
-            weights = plan_weights(cfg, fmt, remote, local, wire)
-            idle = [r for r, w in zip(remote, weights[local:]) if w == 0]
-            for r in idle:  # slower to reach than their share of the work would save
-                r.close()
-            remote = [r for r in remote if r not in idle]
-            weights = [w for w in weights if w > 0]
-        else:
-            idle = []
-            weights = list(weights or node_weights(remote, local))
-        shards = plan_in_memory(model_dir, cfg, weights, remote, local, fmt, kv_dtype, ctx)
-        if not remote:  # several in-process slice sets: tests of the slicing
-            shards = plan_shards(cfg, weights)
         D = cfg.dim
         norm = lambda name: ckpt.f32(name, (D,))  # noqa: E731
         attn_norm = [norm(layer_name(l, "input_layernorm")) for l in range(cfg.n_layers)]
@@ -216,27 +215,70 @@ class Model:
         final_norm = norm("model.norm.weight")
         emb_name = "model.embed_tokens.weight"
         embedding = load_matrix(ckpt, emb_name, (cfg.vocab_size, D), fmt=fmt)
-        tied = output_name(cfg, ckpt) == emb_name
-        config_json = (model_dir / "config.json").read_text()
-        nodes = []
-        for i, sh in enumerate(shards):
-            whole = embedding if tied and sh.rows == (0, cfg.vocab_size) else None
-            if not remote or (local and i == 0):  # (several in-process slice sets: tests)
-                nodes.append(SliceSet.build(ckpt, cfg, sh, fmt, kv_dtype, ctx, whole, progress))
-                continue
-            node = remote[i - local]
-            key = manifest_key(ckpt, config_json, fmt, sh) if cache else None
-            loaders = shard_tensors(ckpt, cfg, sh, fmt, whole)
-            infos = node.upload(sh, loaders, config_json, shard_nbytes(cfg, sh, fmt),
-                                read_manifest(key) if key else None)
-            if key:
-                write_manifest(key, infos)
-            node.open(ctx, kv_dtype, wire)
-            nodes.append(node)
-        m = Model(cfg, tok, embedding, attn_norm, ffn_norm, final_norm, nodes, fmt, kv_dtype, ctx)
-        m.idle = idle
+        m = Model(cfg, tok, embedding, attn_norm, ffn_norm, final_norm, [], fmt, kv_dtype, ctx,
+                  slots, on_loss=on_loss)
+        m.src = dict(model_dir=model_dir, ckpt=ckpt, config_json=(model_dir / "config.json").read_text(),
+                     tied=output_name(cfg, ckpt) == emb_name, local=local, cache=cache, wire=wire,
+                     weights=weights, progress=progress)
+        m.place(remote)
         m.load_seconds = time.perf_counter() - t0
         return m
+
+    def place(self, remote: list) -> None:
+        """Plan the split over this process (unless local=False) and the `remote` workers, and
+        give every node its shard: this process builds its slices out of the mapped checkpoint,
+        workers get theirs uploaded (only what they do not hold already) and open a session with
+        fresh KV caches. A worker lost while this happens is left out and the plan made again."""
+        cfg, fmt, src = self.cfg, self.fmt, self.src
+        local, weights = src["local"], src["weights"]
+        while True:
+            if not local and not remote:
+                raise UserError("every worker is lost and --no-local keeps this process out: "
+                                "restart the workers, or drop --no-local")
+            if weights is not None and (not remote or len(weights) == local + len(remote)):
+                w = list(weights)  # given (tests: several in-process slice sets)
+            elif remote:
+                w = plan_weights(cfg, fmt, remote, local, src["wire"])
+                self.idle = [r for r, x in zip(remote, w[local:]) if x == 0]
+                for r in self.idle:  # slower to reach than their share of the work would save
+                    r.close()
+                remote = [r for r in remote if r not in self.idle]
+                w = [x for x in w if x > 0]
+            else:
+                w = [1.0]
+            shards = plan_in_memory(src["model_dir"], cfg, w, remote, local, fmt, self.kv_dtype,
+                                    self.ctx, self.slots)
+            if not remote:  # several in-process slice sets: tests of the slicing
+                shards = plan_shards(cfg, w)
+            self.nodes = []  # drop the old slices before building the new
+            try:
+                self.nodes = [self._node(i, sh, remote) for i, sh in enumerate(shards)]
+                return
+            except NodeLost as e:
+                self.fail_on(e)
+                e.node.close()
+                self.lost.append(e.node.addr)
+                remote = [r for r in remote if r is not e.node]
+                warn(f"{e}: re-planning over the {local + len(remote)} nodes left")
+
+    def _node(self, i: int, sh: Shard, remote: list):
+        """Node i of the plan, holding shard sh: this process's SliceSet or a remote worker."""
+        src, cfg, fmt = self.src, self.cfg, self.fmt
+        whole = self.embedding if src["tied"] and sh.rows == (0, cfg.vocab_size) else None
+        if not remote or (src["local"] and i == 0):  # (several in-process slice sets: tests)
+            return SliceSet.build(src["ckpt"], cfg, sh, fmt, self.kv_dtype, self.ctx, whole,
+                                  src["progress"], self.slots)
+        node = remote[i - src["local"]]
+        node.disconnect()  # a session from an earlier plan ends; its KV caches are freed
+        key = manifest_key(src["ckpt"], src["config_json"], fmt, sh) if src["cache"] else None
+        loaders = shard_tensors(src["ckpt"], cfg, sh, fmt, whole)
+        infos = node.upload(sh, loaders, src["config_json"], shard_nbytes(cfg, sh, fmt),
+                            read_manifest(key) if key else None)
+        if key:
+            write_manifest(key, infos)
+        node.token_seconds = shard_nbytes(cfg, sh, fmt) / (node.info.speed_gb_s * 1e9 or 1e9)
+        node.open(self.ctx, self.kv_dtype, src["wire"], self.slots)
+        return node
 
     def embed(self, ids: list[int]) -> np.ndarray:
         # [T] -> [T, D]
@@ -245,34 +287,112 @@ class Model:
             return dequantize(self.embedding, idx)
         return self.embedding[idx].copy()
 
-    def forward(self, ids: list[int], p0: int, all_logits: bool = False) -> np.ndarray:
-        """Run T tokens at positions p0..p0+T-1 through the model (filling every node's KV cache)
-        and return logits [T, V] (all_logits) or [1, V] for the last token."""
-        if p0 + len(ids) > self.ctx:
-            raise UserError(f"{p0 + len(ids)} tokens exceed the context of {self.ctx}")
+    def forward(self, ids: list[int], p0: int, all_logits: bool = False, slot: int = 0) -> np.ndarray:
+        """Run T tokens at positions p0..p0+T-1 of the sequence in KV slot `slot` through the
+        model (filling every node's KV caches) and return logits [T, V] (all_logits) or [1, V]
+        for the last token."""
+        return self.forward_batch([(slot, ids, p0)], all_logits)[0]
+
+    def forward_batch(self, segs: list, all_logits: bool = False) -> list[np.ndarray]:
+        """Several sequences in one pass (continuous batching): segs [(slot, ids, p0)], each
+        continuing the sequence in KV slot `slot` from position p0 (0 starts a new one). Every
+        weight is read once for all of them. Returns per segment logits [n, V] (all_logits) or
+        [1, V] for its last token. A worker lost on the way is re-planned around (recover) and
+        the pass run again."""
+        for slot, ids, p0 in segs:
+            if not 0 <= slot < self.slots:
+                raise UserError(f"KV slot {slot}: this model was loaded with {self.slots} slots")
+            if p0 + len(ids) > self.ctx:
+                raise UserError(f"{p0 + len(ids)} tokens exceed the context of {self.ctx}")
+            if p0 > len(self.history.get(slot, ())):
+                raise UserError(f"slot {slot}: position {p0} follows no tokens before it")
+        while True:
+            try:
+                out = self._pass(segs, all_logits)
+                break
+            except NodeLost as e:
+                self.recover(e)
+        for slot, ids, p0 in segs:
+            self.history[slot] = self.history.get(slot, [])[:p0] + list(ids)
+        return out
+
+    def _pass(self, segs: list, all_logits: bool) -> list[np.ndarray]:
+        """One forward pass over the segments' rows, stacked: the maths of the module docstring."""
         eps = self.cfg.norm_eps
         for n in self.remote:
             n.token = self.passes
         self.passes += 1
-        x = self.embed(ids)                                                 # [T, D]
+        rows = [(slot, p0, len(ids)) for slot, ids, p0 in segs]               # where each row goes
+        x = self.embed([t for _, ids, _ in segs for t in ids])              # [T, D]
         for l in range(self.cfg.n_layers):
             xn = kernels.rmsnorm(x, self.attn_norm[l], eps)
-            x += sum(self.gather("attention", l, xn, p0))                   # round trip 1
+            x += sum(self.gather("attention", l, xn, rows))                 # round trip 1
             xn = kernels.rmsnorm(x, self.ffn_norm[l], eps)
-            x += sum(self.gather("ffn", l, xn, p0))                         # round trip 2
-        xn = kernels.rmsnorm(x if all_logits else x[-1:], self.final_norm, eps)
-        parts = self.gather("logits", 0, xn, p0)                             # rows in node order
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+            x += sum(self.gather("ffn", l, xn, rows))                       # round trip 2
+        ends = np.cumsum([n for _, _, n in rows])
+        keep = np.arange(ends[-1]) if all_logits else ends - 1              # rows that need logits
+        xn = kernels.rmsnorm(np.ascontiguousarray(x[keep]), self.final_norm, eps)
+        parts = self.gather("logits", 0, xn, [(0, 0, len(keep))])           # rows in node order
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        if not all_logits:
+            return [logits[i:i + 1] for i in range(len(segs))]
+        return np.split(logits, ends[:-1])
 
-    def gather(self, op: str, layer: int, xn: np.ndarray, p0: int) -> list[np.ndarray]:
+    def recover(self, e: NodeLost) -> None:
+        """A worker stopped answering mid-pass: leave it out, plan again over the nodes left
+        (this process included), give them their new shards (from the mapped checkpoint; a
+        worker gets only what it does not hold), and rebuild every sequence's KV caches by
+        replaying its tokens so far as one batch. Then the interrupted pass can run again."""
+        self.fail_on(e)
+        t0 = time.perf_counter()
+        lost, replay = e, [(slot, ids, 0) for slot, ids in sorted(self.history.items()) if ids]
+        while True:
+            lost.node.close()
+            self.lost.append(lost.node.addr)
+            self.place([n for n in self.remote if n is not lost.node])
+            try:
+                if replay:
+                    self._pass(replay, False)
+                break
+            except NodeLost as again:
+                lost = again
+        warn(f"{e}: re-planned over {len(self.nodes)} nodes and replayed "
+             f"{sum(len(ids) for _, ids, _ in replay)} tokens in {time.perf_counter() - t0:.2f} s")
+
+    def fail_on(self, e: NodeLost) -> None:
+        if self.on_loss == "fail":
+            raise UserError(f"{e}; stopping (--on-worker-loss fail). With --on-worker-loss replan "
+                            "the run goes on without it")
+
+    def rejoin(self, timeout: float = 2.0) -> list[str]:
+        """Workers lost earlier that answer again are planned back in (between requests: the
+        KV caches are rebuilt by replaying). Returns the addresses that rejoined."""
+        back = []
+        for addr in list(self.lost):
+            node = RemoteNode(addr)
+            try:
+                node.hello(timeout)
+            except UserError:
+                node.close()
+                continue
+            back.append(node)
+            self.lost.remove(addr)
+        if back:
+            self.place(self.remote + back)
+            replay = [(slot, ids, 0) for slot, ids in sorted(self.history.items()) if ids]
+            if replay:
+                self.forward_batch(replay)  # rebuild the KV caches under the new plan
+        return [n.addr for n in back]
+
+    def gather(self, op: str, layer: int, xn: np.ndarray, segs) -> list[np.ndarray]:
         """Every node's result for one block (partial sums [T, D] float64, or logits [T, rows]
         float32, in node order): remote nodes get the step first, then this
         process computes its share while they work, then their replies are read."""
         remote = self.remote
         payload = encode(xn, request_wire(remote[0].wire)) if remote else None  # once for all
         for n in remote:
-            n.start(op, layer, xn, p0, payload)
-        parts = [None if isinstance(n, RemoteNode) else n.run(op, layer, xn, p0) for n in self.nodes]
+            n.start(op, layer, xn, segs, payload)
+        parts = [None if isinstance(n, RemoteNode) else n.run(op, layer, xn, segs) for n in self.nodes]
         for i, n in enumerate(self.nodes):
             if isinstance(n, RemoteNode):
                 parts[i] = n.wait()

@@ -37,6 +37,14 @@ class Shard:
     rows: tuple[int, int]
 
 
+def rows_of(segs) -> tuple[np.ndarray, np.ndarray]:
+    """Segments [(slot, p0, n)]: n consecutive tokens of the sequence in KV slot `slot`, from
+    position p0 (a step's rows, segment after segment) -> (pos [T], slot [T]) per row."""
+    pos = np.concatenate([np.arange(p0, p0 + n) for _, p0, n in segs]).astype(np.int64)
+    slot = np.concatenate([np.full(n, b) for b, _, n in segs]).astype(np.int64)
+    return pos, slot
+
+
 def layer_name(layer: int, what: str) -> str:
     return f"model.layers.{layer}.{what}.weight"
 
@@ -87,29 +95,30 @@ class AttentionSlice:
     wqkv: object                 # [(nq + 2 nkv) d, D]
     wo: object                   # [D, nq d]
     kv_of_q: np.ndarray          # [nq] local kv index of each query head
-    cache_k: np.ndarray          # [nkv, ctx, d]
+    cache_k: np.ndarray          # [slots, nkv, ctx, d]: one cache per sequence slot
     cache_v: np.ndarray
 
     @staticmethod
-    def make(cfg: LlamaConfig, heads: tuple[int, int], wqkv, wo, ctx: int, kv_dtype: str):
+    def make(cfg: LlamaConfig, heads: tuple[int, int], wqkv, wo, ctx: int, kv_dtype: str, slots: int = 1):
         """The slice of query heads [h0, h1) with the key/value heads they read, empty caches."""
         g = cfg.group
         k0, k1 = kv_range(cfg, heads)
         kv_of_q = np.array([h // g - k0 for h in range(*heads)], np.int64)
-        empty = np.zeros((k1 - k0, 0, cfg.head_dim), KV_DTYPES[kv_dtype])
-        return AttentionSlice(heads, (k0, k1), wqkv, wo, kv_of_q, empty, empty).fresh(ctx, kv_dtype)
+        empty = np.zeros((0, k1 - k0, 0, cfg.head_dim), KV_DTYPES[kv_dtype])
+        return AttentionSlice(heads, (k0, k1), wqkv, wo, kv_of_q, empty, empty).fresh(ctx, kv_dtype, slots)
 
-    def fresh(self, ctx: int, kv_dtype: str) -> "AttentionSlice":
-        """The same weights with new, empty KV caches [nkv, ctx, d]."""
-        shape = (self.kv_heads[1] - self.kv_heads[0], ctx, self.cache_k.shape[2])
+    def fresh(self, ctx: int, kv_dtype: str, slots: int = 1) -> "AttentionSlice":
+        """The same weights with new, empty KV caches [slots, nkv, ctx, d]."""
+        shape = (slots, self.kv_heads[1] - self.kv_heads[0], ctx, self.cache_k.shape[3])
         return replace(self, cache_k=np.zeros(shape, KV_DTYPES[kv_dtype]),
                        cache_v=np.zeros(shape, KV_DTYPES[kv_dtype]))
 
-    def forward(self, xn: np.ndarray, p0: int, rope) -> np.ndarray:
-        # xn [T, D] -> partial [T, D]
+    def forward(self, xn: np.ndarray, segs, rope) -> np.ndarray:
+        # xn [T, D], rows placed by segs (see rows_of) -> partial [T, D]
         nq = self.heads[1] - self.heads[0]
+        pos, slot = rows_of(segs)
         qkv = matmul(self.wqkv, xn)                                        # [T, (nq+2nkv) d]
-        o = kernels.attention(qkv, p0, rope[0], rope[1], self.cache_k, self.cache_v,
+        o = kernels.attention(qkv, pos, slot, rope[0], rope[1], self.cache_k, self.cache_v,
                               self.kv_of_q, nq)                            # [T, nq d]
         if self.wo.shape[1] != o.shape[1]:  # head_dim not a multiple of 32: heads padded
             T, d = o.shape[0], o.shape[1] // nq
@@ -162,8 +171,10 @@ def _load_wo(ckpt, cfg, l, heads, fmt):
     return load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h0 * d, h1 * d), fmt=fmt)
 
 
-def shard_nbytes(cfg: LlamaConfig, shard: Shard, fmt="q8_0", ctx: int = 0, kv_dtype="bf16") -> int:
-    """Bytes a node holding `shard` needs for its weights (and, given ctx, its KV caches),
+def shard_nbytes(cfg: LlamaConfig, shard: Shard, fmt="q8_0", ctx: int = 0, kv_dtype="bf16",
+                 slots: int = 1) -> int:
+    """Bytes a node holding `shard` needs for its weights (and, given ctx, its KV caches: one per
+    sequence slot),
     from the shapes alone: for planning and memory checks before anything is loaded."""
     D, F, d = cfg.dim, cfg.ffn_dim, cfg.head_dim
     nq = shard.heads[1] - shard.heads[0]
@@ -173,7 +184,7 @@ def shard_nbytes(cfg: LlamaConfig, shard: Shard, fmt="q8_0", ctx: int = 0, kv_dt
     layer = 0
     if nq:
         layer += q8.nbytes((nq + 2 * nkv) * d, D, fmt) + q8.nbytes(D, nq * d_wo, fmt)
-        layer += 2 * nkv * ctx * d * np.dtype(KV_DTYPES[kv_dtype]).itemsize
+        layer += 2 * slots * nkv * ctx * d * np.dtype(KV_DTYPES[kv_dtype]).itemsize
     if nu:
         layer += q8.nbytes(2 * nu, D, fmt) + q8.nbytes(D, nu, fmt)
     return cfg.n_layers * layer + q8.nbytes(shard.rows[1] - shard.rows[0], D, fmt)
@@ -215,9 +226,9 @@ class SliceSet:
     classifier: object = None    # [r1 - r0, D]
     rope: tuple = ()
 
-    def attention(self, layer: int, xn: np.ndarray, p0: int) -> np.ndarray | None:
+    def attention(self, layer: int, xn: np.ndarray, segs) -> np.ndarray | None:
         a = self.attn[layer]
-        return None if a is None else a.forward(xn, p0, self.rope)
+        return None if a is None else a.forward(xn, segs, self.rope)
 
     def feed_forward(self, layer: int, xn: np.ndarray) -> np.ndarray | None:
         f = self.ffn[layer]
@@ -225,10 +236,6 @@ class SliceSet:
 
     def logits(self, xn: np.ndarray) -> np.ndarray:
         return matmul(self.classifier, xn)                                 # [T, r1 - r0]
-
-    def with_fresh_cache(self, ctx: int, kv_dtype: str) -> "SliceSet":
-        """The same weights with new, empty KV caches (one per worker session)."""
-        return replace(self, attn=[None if a is None else a.fresh(ctx, kv_dtype) for a in self.attn])
 
     def tensors(self) -> dict:
         """name -> weight (Q8Tensor or float32), in a fixed order: what an upload carries."""
@@ -242,29 +249,31 @@ class SliceSet:
         return out
 
     @staticmethod
-    def from_tensors(cfg: LlamaConfig, shard: Shard, tensors: dict, ctx: int, kv_dtype="bf16"):
+    def from_tensors(cfg: LlamaConfig, shard: Shard, tensors: dict, ctx: int, kv_dtype="bf16",
+                     slots: int = 1):
         """Rebuild a SliceSet from `tensors()` of the same shard (a worker after an upload)."""
         s = SliceSet(shard, rope=rope_tables(cfg))
         for l in range(cfg.n_layers):
             s.attn.append(AttentionSlice.make(cfg, shard.heads, tensors[f"layers.{l}.wqkv"],
-                                              tensors[f"layers.{l}.wo"], ctx, kv_dtype)
+                                              tensors[f"layers.{l}.wo"], ctx, kv_dtype, slots)
                           if shard.heads[1] > shard.heads[0] else None)
             s.ffn.append(FFNSlice(shard.units, tensors[f"layers.{l}.wgu"], tensors[f"layers.{l}.wdown"])
                          if shard.units[1] > shard.units[0] else None)
         s.classifier = tensors["classifier"]
         return s
 
-    def run(self, op: str, layer: int, x: np.ndarray, p0: int) -> np.ndarray | None:
-        """One step by name: what a worker does with a StepRequest."""
+    def run(self, op: str, layer: int, x: np.ndarray, segs) -> np.ndarray | None:
+        """One step by name: what a worker does with a StepRequest. segs [(slot, p0, n)] place
+        x's rows in the sequences' KV caches (attention only)."""
         if op == "attention":
-            return self.attention(layer, x, p0)
+            return self.attention(layer, x, segs)
         if op == "ffn":
             return self.feed_forward(layer, x)
         return self.logits(x)
 
     @staticmethod
     def build(ckpt: Checkpoint, cfg: LlamaConfig, shard: Shard, fmt="q8_0", kv_dtype="bf16",
-              ctx: int | None = None, classifier=None, progress=None) -> "SliceSet":
+              ctx: int | None = None, classifier=None, progress=None, slots: int = 1) -> "SliceSet":
         """Quantize (or copy) this shard's rows and columns out of the mapped checkpoint, one
         tensor at a time; progress(done, total) counts tensors."""
         loaders = shard_tensors(ckpt, cfg, shard, fmt, classifier)
@@ -273,4 +282,4 @@ class SliceSet:
             tensors[name] = load()
             if progress:
                 progress(i + 1, len(loaders))
-        return SliceSet.from_tensors(cfg, shard, tensors, ctx or cfg.max_seq_len, kv_dtype)
+        return SliceSet.from_tensors(cfg, shard, tensors, ctx or cfg.max_seq_len, kv_dtype, slots)

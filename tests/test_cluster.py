@@ -149,7 +149,7 @@ def test_grpc_session_serves_the_same_steps(workers):
     m = Model.load(STORIES, workers=[(workers.addrs[1], None)], local=False)
     node = m.remote[0]
     x = np.random.default_rng(0).standard_normal((2, m.cfg.dim)).astype(np.float32)
-    node.start("ffn", 1, x, 0)
+    node.start("ffn", 1, x, [(0, 0, 2)])
     want = node.wait()
     stub = rpc.WorkerStub(grpc.insecure_channel(workers.addrs[1]))
     reqs = [pb.StepRequest(seq=1, op=pb.OPEN, slice_set_id=node.slice_set_id, ctx=64, kv_dtype="bf16"),

@@ -242,3 +242,38 @@ def test_quota_stall_is_half_the_throttled_part_of_a_period():
     assert quota_stall(1000, 8000) == pytest.approx(3.5e-3)   # 0.125 core
     assert quota_stall(1000, 4000) == pytest.approx(1.5e-3)   # 0.25 core
     assert quota_stall(8000, 4000) == 0.0                     # two cores' worth: never throttled
+
+
+def test_batched_sequences_equal_alone():
+    """Continuous batching: three sequences in their own KV slots, prompts and decode steps in
+    one pass each, give every sequence exactly the logits it gets alone (each row's arithmetic
+    does not depend on the rows beside it: quant.q8_0.matmul under 32 rows)."""
+    from client.errors import UserError
+    m = Model.load(STORIES, slots=3, ctx=96)
+    prompts = [m.tokenizer.encode(p) for p in ("Once upon a time", "Tom had a red", "The sun")]
+
+    def decode(segs_of_step, steps=12):
+        seqs = {s: list(ids) for s, ids in prompts_by_slot.items()}
+        outs = {s: [] for s in seqs}
+        first = m.forward_batch([(s, seqs[s], 0) for s in segs_of_step], all_logits=True)
+        for s, o in zip(segs_of_step, first):
+            outs[s].append(o)
+            seqs[s].append(int(o[-1].argmax()))
+        for _ in range(steps):
+            res = m.forward_batch([(s, seqs[s][-1:], len(seqs[s]) - 1) for s in segs_of_step])
+            for s, o in zip(segs_of_step, res):
+                outs[s].append(o)
+                seqs[s].append(int(o[-1].argmax()))
+        return seqs, outs
+
+    prompts_by_slot = dict(enumerate(prompts))
+    together = decode([0, 1, 2])
+    for s in range(3):
+        alone = decode([s])
+        assert alone[0][s] == together[0][s]
+        for a, b in zip(alone[1][s], together[1][s]):
+            assert np.array_equal(a, b), s
+    with pytest.raises(UserError, match="slot 3"):
+        m.forward_batch([(3, [1], 0)])
+    with pytest.raises(UserError, match="follows no tokens"):
+        m.forward_batch([(0, [1], 40)])

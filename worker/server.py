@@ -37,6 +37,7 @@ from quant import q8_0
 
 log = logging.getLogger("tensorlan.worker")
 OPS = {pb.ATTENTION: "attention", pb.FFN: "ffn", pb.LOGITS: "logits"}
+MAX_SLOTS = 256              # KV cache slots (sequences decoded together) per session
 
 
 class Uploaded:
@@ -57,6 +58,7 @@ class Worker(rpc.WorkerServicer):
         self.quota, self.cfs = cpu_quota(), cfs_quota()
         self.spin = 0.0 if self.quota else 0.005
         self.speed = q8_0.measure_speed(self.quota)
+        warm_up()
         self.data_port, self.threads = data_port, threads
         self.uploads: dict[str, Uploaded] = {}
         self.lock = threading.Lock()
@@ -225,22 +227,23 @@ class Worker(rpc.WorkerServicer):
             up = self.uploads.get(req.slice_set_id)
         if up is None:
             raise StepError(grpc.StatusCode.NOT_FOUND, f"unknown slice set {req.slice_set_id!r}: upload it first")
+        slots = req.slots or 1
         if (req.kv_dtype not in KV_DTYPES or not 0 < req.ctx <= up.cfg.max_seq_len
-                or req.wire not in ("", *WIRES)):
+                or req.wire not in ("", *WIRES) or slots > MAX_SLOTS):
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"ctx {req.ctx} / kv_dtype {req.kv_dtype!r} / wire {req.wire!r}: need 0 < "
-                            f"ctx <= {up.cfg.max_seq_len}, kv_dtype one of {sorted(KV_DTYPES)}, "
-                            f"wire one of {WIRES}")
-        kv = (shard_nbytes(up.cfg, up.shard, "f32", req.ctx, req.kv_dtype)
+                            f"ctx {req.ctx} / kv_dtype {req.kv_dtype!r} / wire {req.wire!r} / slots "
+                            f"{slots}: need 0 < ctx <= {up.cfg.max_seq_len}, kv_dtype one of "
+                            f"{sorted(KV_DTYPES)}, wire one of {WIRES}, slots <= {MAX_SLOTS}")
+        kv = (shard_nbytes(up.cfg, up.shard, "f32", req.ctx, req.kv_dtype, slots)
               - shard_nbytes(up.cfg, up.shard, "f32", 0, req.kv_dtype))
         room, source = available_memory()
         if kv > room:
             raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"a KV cache for {req.ctx} positions needs {kv / 1e9:.2f} GB, this worker "
-                            f"has {room / 1e9:.2f} GB ({source}): lower --ctx")
+                            f"KV caches for {slots} x {req.ctx} positions need {kv / 1e9:.2f} GB, this "
+                            f"worker has {room / 1e9:.2f} GB ({source}): lower --ctx")
         with self.lock:
             up.sessions += 1
-        return SliceSet.from_tensors(up.cfg, up.shard, up.tensors, req.ctx, req.kv_dtype), up
+        return SliceSet.from_tensors(up.cfg, up.shard, up.tensors, req.ctx, req.kv_dtype, slots), up
 
     @staticmethod
     def step(slices: SliceSet, req, wire: str) -> np.ndarray:
@@ -252,13 +255,52 @@ class Worker(rpc.WorkerServicer):
             x = decode(req.x, req.tokens, D, request_wire(wire))
         except WireError as e:
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        ctx = next((a.cache_k.shape[1] for a in slices.attn if a is not None), 1 << 30)
-        if x.shape[1] != D or req.layer >= len(slices.ffn) or req.pos + req.tokens > ctx:
+        if x.shape[1] != D or req.layer >= len(slices.ffn):
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"step {op} layer {req.layer} pos {req.pos} x {list(x.shape)}: expected "
-                            f"[T, {D}], layer < {len(slices.ffn)}, pos + T <= {ctx}")
-        y = slices.run(op, req.layer, x, req.pos)
+                            f"step {op} layer {req.layer} x {list(x.shape)}: expected [T, {D}], "
+                            f"layer < {len(slices.ffn)}")
+        y = slices.run(op, req.layer, x, Worker.segments(slices, req))
         return np.zeros(x.shape, np.float64) if y is None else y
+
+
+    @staticmethod
+    def segments(slices: SliceSet, req) -> list[tuple[int, int, int]]:
+        """The request's rows as segments (slot, p0, n), checked against the session's caches."""
+        segs = list(zip(req.seg_slot, req.seg_pos, req.seg_len)) or [(0, req.pos, req.tokens)]
+        a = next((a for a in slices.attn if a is not None), None)
+        slots, ctx = (a.cache_k.shape[0], a.cache_k.shape[2]) if a else (MAX_SLOTS, 1 << 30)
+        if (not len(req.seg_slot) == len(req.seg_pos) == len(req.seg_len)
+                or sum(n for _, _, n in segs) != req.tokens
+                or any(b >= slots or n == 0 or p0 + n > ctx for b, p0, n in segs)):
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"segments {segs[:8]} of {req.tokens} tokens: need one slot, position and "
+                            f"length per segment, lengths summing to the tokens, slot < {slots}, "
+                            f"position + length <= {ctx}")
+        return segs
+
+
+def warm_up() -> None:
+    """Run every kind of step once on a tiny random model, so that the kernels are compiled (or
+    loaded from Numba's cache) before the worker answers Hello: a first step that compiled for
+    seconds would look to the client like a hung worker."""
+    cfg = LlamaConfig.from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                                 "intermediate_size": 128, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "num_key_value_heads": 1,
+                                 "vocab_size": 64, "max_position_embeddings": 40}, "warm-up")
+    rng = np.random.default_rng(0)
+    w = lambda r, c: q8_0.quantize(rng.standard_normal((r, c)).astype(np.float32))  # noqa: E731
+    d = cfg.head_dim
+    tensors = {"layers.0.wqkv": w(4 * d, 64), "layers.0.wo": w(64, 2 * d), "layers.0.wgu": w(256, 64),
+               "layers.0.wdown": w(64, 128), "classifier": w(64, 64)}
+    shard = Shard((0, 2), (0, 128), (0, 64))
+    for kv in KV_DTYPES:
+        slices = SliceSet.from_tensors(cfg, shard, tensors, 40, kv, slots=2)
+        for T in (1, 2, 33):  # one token, a batch, a prompt (the SGEMM path)
+            x = rng.standard_normal((T, 64)).astype(np.float32)
+            for op in ("attention", "ffn", "logits"):
+                slices.run(op, 0, x, [(0, 0, T)])
+    for wire in WIRES:
+        decode(encode(np.ones((1, 64), np.float32), wire), 1, 64, wire)
 
 
 class StepError(Exception):
