@@ -31,7 +31,7 @@ int8 add ~0.5% relative error to a product, as in llama.cpp. Elsewhere the float
 Up to 31 tokens share that kernel (`_matmul_vnni`, one pass over W): a token's arithmetic is
 the same whatever it is batched with, so continuous batching does not change any sequence's
 output. Four tokens per pass keep the vector pipes busy; from ~4 tokens on the kernel is
-compute-bound (~1 ns per token and 64 weights on one core, see bench/kernels.py).
+compute-bound (~1.1 ns per token and 64 weights on one core, see bench/kernels.py).
 """
 from __future__ import annotations
 
