@@ -7,8 +7,12 @@
      int8     llama.cpp's way: activations quantized to Q8_0, int8 x int8 dots per block
      int8flat int8 x int8 products in a flat loop, scales per element
 2. Batched products: T tokens through the 4-token kernel vs dequantized tiles into SGEMM.
+3. Continuous batching on VNNI CPUs: T = 1..16 decoding sequences through matmul (rows bit for
+   bit matvec's) over TinyLlama's FFN matrices, four of each shape cycled (46 MB, beyond the
+   L3) so that every call streams its weights from RAM: ms per call, the cost of batching
+   time(T) / time(1), and the float 4-token kernel (_matmul4, the path before) at the same T.
 
-    .venv/bin/python -m bench.kernels [--threads 1,2]
+    .venv/bin/python -m bench.kernels [--threads 1,2] [--only continuous]
 """
 from __future__ import annotations
 
@@ -79,11 +83,40 @@ def _median_time(f, reps=5):
     return statistics.median(ts)
 
 
+def continuous_batching(rng, threads=2, reps=7):
+    Q.set_threads(threads)
+    print(f"\ncontinuous batching, {threads} threads, VNNI {Q.VNNI}: ms per call (median of {reps}), "
+          f"cost vs T=1, the 4-token float kernel at the same T")
+    for R, C in ((5632, 2048), (2048, 5632)):
+        ws = [Q.quantize((rng.standard_normal((R, C)) * 0.02).astype(np.float32)) for _ in range(4)]
+        t1 = None
+        for T in (1, 2, 4, 8, 16):
+            X = rng.standard_normal((T, C)).astype(np.float32)
+            X4 = np.zeros((4, C), np.float32)
+            o4 = np.empty((4, R), np.float32)
+
+            def old(w):  # matmul before: groups of four tokens through _matmul4
+                for k in range(0, T, 4):
+                    X4[:min(4, T - k)] = X[k:k + 4]
+                    Q._matmul4(w.q, w.d, X4, o4, np.float32(0))
+            new = _median_time(lambda: [Q.matmul(w, X) for w in ws], reps) / len(ws)
+            t1 = t1 or new
+            was = _median_time(lambda: [old(w) for w in ws], reps) / len(ws) if T > 1 else None
+            print(f"  {R}x{C} T={T:<3} {new * 1e3:6.3f} ms  x{new / t1:5.2f} of T=1  "
+                  f"{new / T * 1e3:6.3f} ms/token" +
+                  (f"   _matmul4 {was * 1e3:6.3f} ms ({was / new:4.2f}x slower)" if was else ""))
+
+
 @click.command()
 @click.option("--threads", default="1,2", show_default=True)
-def main(threads):
+@click.option("--only", type=click.Choice(["continuous"]), default=None,
+              help="run only section 3 (a few seconds)")
+def main(threads, only):
     """Print GB/s of each matvec variant and the batched crossover, as ratios in one run."""
     rng = np.random.default_rng(0)
+    if only == "continuous":
+        continuous_batching(rng)
+        return
     R, C, n = 5632, 2048, 24      # 24 matrices: ~290 MB, far beyond the 32 MB L3
     ws = [Q.quantize((rng.standard_normal((R, C)) * 0.02).astype(np.float32)) for _ in range(n)]
     x = rng.standard_normal(C).astype(np.float32)
@@ -113,6 +146,7 @@ def main(threads):
             gemm = _median_time(lambda: Q._gemm(w.q, w.d, X, np.empty((T, R), np.float32)))
             print(f"  T={T:<4} 4-token kernel {small * 1e3:7.2f} ms  SGEMM tiles {gemm * 1e3:7.2f} ms"
                   f"  (T x matvec {T * t1 * 1e3:7.2f} ms)  SGEMM {2 * T * R * C / gemm / 1e9:6.1f} GFLOP/s")
+    continuous_batching(rng)
 
 
 if __name__ == "__main__":

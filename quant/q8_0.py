@@ -9,8 +9,9 @@ zero-padded. Quants and scales live in two separate contiguous arrays:
 
 Kernels (all parallel over output rows, thread count = numba.set_num_threads):
     matvec(W, x)   x [cols]     -> [rows]       one token: memory-bound, streams W once
-    matmul(W, X)   X [T, cols]  -> [T, rows]    a batch: small T streams W once with T accumulators,
-                                                large T dequantizes row tiles into f32 BLAS (GEMM)
+    matmul(W, X)   X [T, cols]  -> [T, rows]    a batch: small T streams W once with T accumulators
+                                                (on VNNI CPUs each row bit for bit matvec's), large
+                                                T dequantizes row tiles into f32 BLAS (GEMM)
 
 How the dot product is done (measured on this 2-core Zen 4, TinyLlama FFN shape 5632x2048, see
 bench/kernels.py): a flat loop over the row reading the block scale per element, acc += q[i] *
@@ -23,10 +24,14 @@ kernels dequantize-and-FMA. The fp16 scales of a row are converted once into a s
 
 That float loop costs ~20 vector instructions per 64 weights: one core tops out at ~17-20 GB/s,
 short of its bandwidth. On CPUs with AVX-512 VNNI the one-token kernel therefore does what
-llama.cpp does, written as LLVM IR in a Numba intrinsic (`_vnni_row`): the activation vector is
+llama.cpp does, written as LLVM IR in a Numba intrinsic (`_vnni_rows`): the activation vector is
 quantized to Q8_0 once, and each 64 weights cost one vpdpbusd (int8 x int8 -> int32), one
 convert and one FMA with the two blocks' combined scales: ~23 GB/s on one core. Activations in
 int8 add ~0.5% relative error to a product, as in llama.cpp. Elsewhere the float loop runs.
+Up to 31 tokens share that kernel (`_matmul_vnni`, one pass over W): a token's arithmetic is
+the same whatever it is batched with, so continuous batching does not change any sequence's
+output. Four tokens per pass keep the vector pipes busy; from ~4 tokens on the kernel is
+compute-bound (~1.1 ns per token and 64 weights on one core, see bench/kernels.py).
 """
 from __future__ import annotations
 
@@ -308,113 +313,172 @@ def _matmul4(q, d, X, out, zero):
 
 
 # ---------------------------------------------------------------------------------------------
-# one token on AVX-512 VNNI: activations in Q8_0, int8 x int8 dot products
+# AVX-512 VNNI: activations in Q8_0, int8 x int8 dot products, one kernel for 1 to 31 tokens
 # ---------------------------------------------------------------------------------------------
 _i8, _i32, _f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
-_V64I8, _V16I32, _V16F, _V2F = (ir.VectorType(_i8, 64), ir.VectorType(_i32, 16),
-                               ir.VectorType(_f32, 16), ir.VectorType(_f32, 2))
+_V64I8, _V16I32, _V2F = ir.VectorType(_i8, 64), ir.VectorType(_i32, 16), ir.VectorType(_f32, 2)
 
 
-@intrinsic
-def _vnni_row(typingctx, q, xq, sc, n64, zero):
-    """sum over chunks k < n64 of 64 weights: cvt(vpdpbusd(q[k] ^ 0x80, xq[k])) * sc[2k | 2k+1].
+def _vnni_rows(n):
+    """An intrinsic f(q, XQ, SC, t0, n64, zero) -> n sums, one per token t = t0 .. t0 + n - 1 of
+    XQ [T, C] int8 with block scales SC [T, C/32] f32:
+
+        sum over chunks k < n64 of 64 weights: cvt(vpdpbusd(q[k] ^ 0x80, XQ[t, k])) * SC[t, 2k | 2k+1]
 
     q ^ 0x80 = q + 128 as unsigned bytes (vpdpbusd multiplies unsigned by signed), so each block's
     dot comes out too large by 128 * sum(xq_b): the caller subtracts that. Lanes 0-7 of a chunk
-    belong to its first block (scale sc[2k]), lanes 8-15 to the second (sc[2k+1]). Sums in the
-    type of `zero`: float32, or float64 (then int32 dots -> double, scales widened)."""
-    wide = zero == types.float64
-    sig = zero(q, xq, sc, types.int64, zero)
+    belong to its first block (scale SC[t, 2k]), lanes 8-15 to the second (SC[t, 2k+1]). Sums in
+    the type of `zero`: float32, or float64 (then int32 dots -> double, scales widened).
 
-    def codegen(context, builder, signature, args):
-        ptr = lambda i, ty: builder.bitcast(  # noqa: E731
-            context.make_array(signature.args[i])(context, builder, args[i]).data, ty.as_pointer())
-        qp, xp, sp, n = ptr(0, _V64I8), ptr(1, _V64I8), ptr(2, _V2F), args[3]
-        name = "llvm.x86.avx512.vpdpbusd.512"
-        dp = builder.module.globals.get(name) or ir.Function(
-            builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3), name)
-        flip = ir.Constant(_V64I8, [ir.Constant(_i8, -128)] * 64)
-        zero_i = ir.Constant(_V16I32, [ir.Constant(_i32, 0)] * 16)
-        zero_f = ir.Constant(_V16F, [ir.Constant(_f32, 0.0)] * 16)
-        halves = ir.Constant(_V16I32, [ir.Constant(_i32, 0)] * 8 + [ir.Constant(_i32, 1)] * 8)
-        ft = ir.DoubleType() if wide else _f32
-        vt = ir.VectorType(ft, 16)
-        zero_f = ir.Constant(vt, [ir.Constant(ft, 0.0)] * 16)
-        pre = builder.basic_block
-        loop, done = builder.append_basic_block("vnni.loop"), builder.append_basic_block("vnni.done")
-        builder.cbranch(builder.icmp_signed(">", n, ir.Constant(n.type, 0)), loop, done)
-        builder.position_at_end(loop)
-        k, acc = builder.phi(n.type), builder.phi(vt)
-        k.add_incoming(ir.Constant(n.type, 0), pre)
-        acc.add_incoming(zero_f, pre)
-        qu = builder.xor(builder.load(builder.gep(qp, [k]), align=1), flip)
-        xv = builder.load(builder.gep(xp, [k]), align=1)
-        dot = builder.call(dp, [zero_i, builder.bitcast(qu, _V16I32), builder.bitcast(xv, _V16I32)])
-        s2 = builder.load(builder.gep(sp, [k]), align=4)
-        s16 = builder.shuffle_vector(s2, s2, halves)
-        if wide:
-            s16 = builder.fpext(s16, vt)
-        term = builder.fmul(builder.sitofp(dot, vt), s16, flags=["fast"])
-        acc2 = builder.fadd(acc, term, flags=["fast"])
-        k2 = builder.add(k, ir.Constant(n.type, 1))
-        k.add_incoming(k2, loop)
-        acc.add_incoming(acc2, loop)
-        builder.cbranch(builder.icmp_signed("<", k2, n), loop, done)
-        builder.position_at_end(done)
-        res = builder.phi(vt)
-        res.add_incoming(zero_f, pre)
-        res.add_incoming(acc2, loop)
-        total = ir.Constant(ft, 0.0)
-        for j in range(16):
-            total = builder.fadd(total, builder.extract_element(res, ir.Constant(_i32, j)),
-                                 flags=["fast"])
-        return total
+    Every operation is strict IEEE (llvm.fma per chunk, then a fixed tree over the 16 lanes), no
+    fast-math flags: LLVM may not reorder a token's sum, so it is the same bits for any n and
+    whatever code surrounds the call (with fast flags, the same source compiled into two kernels
+    summed differently). The n tokens' chains interleave, sharing one load and flip of q per
+    chunk: one chain alone is bound by the FMA's latency, not by its throughput."""
+    @intrinsic
+    def vnni_rows(typingctx, q, XQ, SC, t0, n64, zero):
+        wide = zero == types.float64
+        sig = types.UniTuple(zero, n)(q, XQ, SC, types.int64, types.int64, zero)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            i64 = ir.IntType(64)
+
+            def rows(i, ty):  # pointers to rows t0 .. t0 + n - 1 of a 2-D array
+                a = context.make_array(signature.args[i])(context, builder, args[i])
+                base, stride = builder.ptrtoint(a.data, i64), builder.extract_value(a.strides, 0)
+                return [builder.inttoptr(builder.add(base, builder.mul(
+                    builder.add(args[3], ir.Constant(i64, j)), stride)), ty.as_pointer())
+                    for j in range(n)]
+            qp = builder.bitcast(context.make_array(signature.args[0])(context, builder, args[0]).data,
+                                 _V64I8.as_pointer())
+            xps, sps, nk = rows(1, _V64I8), rows(2, _V2F), args[4]
+            ft = ir.DoubleType() if wide else _f32
+            vt = ir.VectorType(ft, 16)
+            fn = lambda name, ret, *a: builder.module.globals.get(name) or ir.Function(  # noqa: E731
+                builder.module, ir.FunctionType(ret, list(a)), name)
+            dp = fn("llvm.x86.avx512.vpdpbusd.512", _V16I32, _V16I32, _V16I32, _V16I32)
+            fma = fn(f"llvm.fma.v16f{'64' if wide else '32'}", vt, vt, vt, vt)
+            flip = ir.Constant(_V64I8, [ir.Constant(_i8, -128)] * 64)
+            zero_i = ir.Constant(_V16I32, [ir.Constant(_i32, 0)] * 16)
+            zero_f = ir.Constant(vt, [ir.Constant(ft, 0.0)] * 16)
+            halves = ir.Constant(_V16I32, [ir.Constant(_i32, 0)] * 8 + [ir.Constant(_i32, 1)] * 8)
+            pre = builder.basic_block
+            loop, done = builder.append_basic_block("vnni.loop"), builder.append_basic_block("vnni.done")
+            builder.cbranch(builder.icmp_signed(">", nk, ir.Constant(nk.type, 0)), loop, done)
+            builder.position_at_end(loop)
+            k, accs = builder.phi(nk.type), [builder.phi(vt) for _ in range(n)]
+            k.add_incoming(ir.Constant(nk.type, 0), pre)
+            qu = builder.bitcast(builder.xor(builder.load(builder.gep(qp, [k]), align=1), flip), _V16I32)
+            nxt = []
+            for acc, xp, sp in zip(accs, xps, sps):
+                xv = builder.bitcast(builder.load(builder.gep(xp, [k]), align=1), _V16I32)
+                dot = builder.sitofp(builder.call(dp, [zero_i, qu, xv]), vt)
+                s2 = builder.load(builder.gep(sp, [k]), align=4)
+                s16 = builder.shuffle_vector(s2, s2, halves)
+                if wide:
+                    s16 = builder.fpext(s16, vt)
+                nxt.append(builder.call(fma, [dot, s16, acc]))
+            k2 = builder.add(k, ir.Constant(nk.type, 1))
+            k.add_incoming(k2, loop)
+            for acc, a2 in zip(accs, nxt):
+                acc.add_incoming(zero_f, pre)
+                acc.add_incoming(a2, loop)
+            builder.cbranch(builder.icmp_signed("<", k2, nk), loop, done)
+            builder.position_at_end(done)
+            res = [builder.phi(vt) for _ in range(n)]
+            for r, a2 in zip(res, nxt):
+                r.add_incoming(zero_f, pre)
+                r.add_incoming(a2, loop)
+            # lanes 0-7 + 8-15, then 0-3 + 4-7, 0-1 + 2-3, 0 + 1. The "contract" flag changes
+            # nothing here (no multiply feeds these adds) but keeps Numba's fastmath rewrite,
+            # which flags every flagless float op "fast", off them.
+            strict = ["contract"]
+            totals = []
+            for v in res:
+                for w in (8, 4, 2):
+                    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, w), list(range(w))))
+                    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, w), list(range(w, 2 * w))))
+                    v = builder.fadd(lo, hi, flags=strict)
+                totals.append(builder.fadd(builder.extract_element(v, ir.Constant(_i32, 0)),
+                                           builder.extract_element(v, ir.Constant(_i32, 1)), flags=strict))
+            return context.make_tuple(builder, signature.return_type, totals)
+
+        return sig, codegen
+
+    return vnni_rows
+
+
+_vnni_rows1, _vnni_rows2, _vnni_rows3, _vnni_rows4 = (_vnni_rows(n) for n in (1, 2, 3, 4))
 
 
 @njit(parallel=True, fastmath=True, **_JIT)
-def _matvec_vnni(q, d, xq, sx, cx, out, zero):
-    # q [R, C] (C % 64 == 0), xq [C] int8 activations with scales sx [C/32] and
-    # cx[b] = -128 * sum(xq_b) * sx[b] (the unsigned-offset correction) -> out [R]
+def _matmul_vnni(q, d, XQ, SX, CX, out, zero):
+    # q [R, C] (C % 64 == 0), XQ [T, C] int8 activations with block scales SX [T, C/32] and
+    # CX[t, b] = -128 * sum(XQ[t]_b) * SX[t, b] (the unsigned-offset correction) -> out [T, R],
+    # summed in the type of `zero`. matvec is T = 1 of this same compiled code, and a token's
+    # arithmetic does not depend on T or on its place in the batch: the per-token scales and
+    # correction come from one loop whatever t, and _vnni_rows is strict. Rows outer, tokens
+    # inner: q[r] comes from RAM once and from L1 for the other tokens.
     R, C = q.shape
+    T = XQ.shape[0]
     nblk = d.shape[1]
     ntask = (R + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
-    for t in prange(ntask):
-        sc = np.empty(nblk, np.float32)
-        for r in range(t * _ROWS_PER_TASK, min(R, (t + 1) * _ROWS_PER_TASK)):
-            dr = d[r]
-            corr = zero
-            for b in range(nblk):
-                w = f16_bits_to_f32(dr[b])
-                sc[b] = w * sx[b]
-                corr += w * cx[b]
-            out[r] = _vnni_row(q[r], xq, sc, C // 64, zero) + corr
+    for k in prange(ntask):
+        ds = np.empty(nblk, np.float32)        # the row's scales w_b
+        SC = np.empty((T, nblk), np.float32)   # w_b * sx_b per token
+        corr = np.full(T, zero)
+        for r in range(k * _ROWS_PER_TASK, min(R, (k + 1) * _ROWS_PER_TASK)):
+            _row_scales(d[r], ds)
+            qr = q[r]
+            for t in range(T):
+                sx, cx, sc = SX[t], CX[t], SC[t]
+                c = zero
+                for b in range(nblk):
+                    sc[b] = ds[b] * sx[b]
+                    c += ds[b] * cx[b]
+                corr[t] = c
+            # four tokens per pass over the row keep the vector pipes busy (one alone waits on
+            # its FMA's latency); the rest as three, two or one
+            for t in range(0, T - 3, 4):
+                s = _vnni_rows4(qr, XQ, SC, t, C // 64, zero)
+                out[t, r] = s[0] + corr[t]
+                out[t + 1, r] = s[1] + corr[t + 1]
+                out[t + 2, r] = s[2] + corr[t + 2]
+                out[t + 3, r] = s[3] + corr[t + 3]
+            t = T - T % 4
+            if T % 4 == 3:
+                s = _vnni_rows3(qr, XQ, SC, t, C // 64, zero)
+                out[t, r] = s[0] + corr[t]
+                out[t + 1, r] = s[1] + corr[t + 1]
+                out[t + 2, r] = s[2] + corr[t + 2]
+            elif T % 4 == 2:
+                s = _vnni_rows2(qr, XQ, SC, t, C // 64, zero)
+                out[t, r] = s[0] + corr[t]
+                out[t + 1, r] = s[1] + corr[t + 1]
+            elif T % 4 == 1:
+                out[t, r] = _vnni_rows1(qr, XQ, SC, t, C // 64, zero)[0] + corr[t]
 
 
 @njit(**_JIT)
-def _activation_terms(xq, xd, sx, cx):
-    for b in range(sx.shape[0]):
-        sx[b] = f16_bits_to_f32(xd[b])
-        s = np.int32(0)
-        for j in range(b * QK, b * QK + QK):
-            s += np.int32(xq[j])
-        cx[b] = np.float32(-128.0) * np.float32(s) * sx[b]
-
-
-@njit(**_JIT)
-def _q8_activations(x):
-    # x [C] f32 (C % 32 == 0) -> int8 quants [C], block scales sx [C/32], corrections cx [C/32]:
-    # one dispatch per matvec (the Python quantize() wrapper plus a second call cost ~6 us)
-    C = x.shape[0]
+def _q8_activations(X):
+    # X [T, C] f32 (C % 32 == 0) -> int8 quants XQ [T, C], block scales SX [T, C/32] and
+    # corrections CX [T, C/32], each row quantized on its own (llama.cpp's quantize_row_q8_0):
+    # one dispatch per call (the Python quantize() wrapper plus a second call cost ~6 us)
+    T, C = X.shape
     nblk = C // QK
-    q = np.empty((1, C), np.int8)
-    d = np.empty((1, nblk), np.uint16)
-    _quantize_rows(x.reshape(1, C), SRC_F32, q, d)
-    sx = np.empty(nblk, np.float32)
-    cx = np.empty(nblk, np.float32)
-    _activation_terms(q[0], d[0], sx, cx)
-    return q[0], sx, cx
+    XQ = np.empty((T, C), np.int8)
+    XD = np.empty((T, nblk), np.uint16)
+    _quantize_rows(X, SRC_F32, XQ, XD)
+    SX = np.empty((T, nblk), np.float32)
+    CX = np.empty((T, nblk), np.float32)
+    for t in range(T):
+        for b in range(nblk):
+            SX[t, b] = f16_bits_to_f32(XD[t, b])
+            s = np.int32(0)
+            for j in range(b * QK, b * QK + QK):
+                s += np.int32(XQ[t, j])
+            CX[t, b] = np.float32(-128.0) * np.float32(s) * SX[t, b]
+    return XQ, SX, CX
 
 
 def _host_has_vnni() -> bool:
@@ -469,6 +533,17 @@ def _pad_cols(X: np.ndarray, cols_padded: int) -> np.ndarray:
     return P
 
 
+def _vnni_products(w: Q8Tensor, Xp: np.ndarray, out: np.ndarray, zero) -> None:
+    """Xp [T, cols_padded] f32 -> out [T, rows] with Q8_0 activations; each row of out is the
+    same whatever T (see _matmul_vnni)."""
+    XQ, SX, CX = _q8_activations(Xp)
+    if w.q.shape[1] % 64 == 0:
+        _matmul_vnni(w.q, w.d, XQ, SX, CX, out, zero)
+    else:  # an odd number of blocks: each token's int8 activations through the float loop
+        for t in range(Xp.shape[0]):   # (one pass over W per token: only tiny models cut so)
+            _matvec(w.q, w.d, XQ[t] * np.repeat(SX[t], QK), out[t], zero)
+
+
 def matvec(w: Q8Tensor, x: np.ndarray, vnni: bool | None = None, acc64: bool = False) -> np.ndarray:
     """W[rows, cols] @ x[cols] -> [rows] (int8 activations on VNNI CPUs). acc64: sum in float64
     and return float64 (see matmul)."""
@@ -477,12 +552,8 @@ def matvec(w: Q8Tensor, x: np.ndarray, vnni: bool | None = None, acc64: bool = F
     x = _pad_cols(x, w.q.shape[1])
     if not (VNNI if vnni is None else vnni):
         _matvec(w.q, w.d, x, out, zero)
-        return out
-    xq, sx, cx = _q8_activations(x)
-    if w.q.shape[1] % 64 == 0:
-        _matvec_vnni(w.q, w.d, xq, sx, cx, out, zero)
-    else:  # an odd number of blocks: the same int8 activations through the float loop
-        _matvec(w.q, w.d, xq * np.repeat(sx, QK), out, zero)
+    else:
+        _vnni_products(w, x[None, :], out[None, :], zero)
     return out
 
 
@@ -492,7 +563,13 @@ def matmul(w, X: np.ndarray, acc64: bool = False) -> np.ndarray:
     acc64=True sums in float64 and returns float64: for the column-sliced matrices (Wo, Wdown),
     whose slices' partial sums the caller adds. Each element's product is the same whatever
     the slicing; summed in float64, the totals agree to ~1e-16 and round to the same float32,
-    so the output does not depend on how the model was cut across nodes."""
+    so the output does not depend on how the model was cut across nodes.
+
+    Batch invariance: on VNNI CPUs, for T < _GEMM_MIN_T (32), row t of the result is bit for bit
+    matvec(w, X[t]), whatever the other rows are (continuous batching: a sequence decodes the
+    same alone or batched). From T = 32 on (prompts) the rows go through SGEMM with float32
+    activations, and without VNNI T in 2..31 through the 4-token float kernel: close to matvec,
+    not equal."""
     T = X.shape[0]
     if not isinstance(w, Q8Tensor):
         if acc64:
@@ -506,6 +583,9 @@ def matmul(w, X: np.ndarray, acc64: bool = False) -> np.ndarray:
     out = np.empty((T, R), zero.dtype)
     if T >= _GEMM_MIN_T:
         _gemm(w.q, w.d, Xp.astype(zero.dtype), out)
+        return out
+    if VNNI:  # every row read once from RAM, T tokens' int8 dots on it
+        _vnni_products(w, Xp, out, zero)
         return out
     X4 = np.zeros((4, Xp.shape[1]), np.float32)
     o4 = np.empty((4, R), zero.dtype)

@@ -63,9 +63,23 @@ def test_round_trip_error_bound():
     assert (np.abs(deq - x) <= bound * (1 + 1e-6) + 1e-30).all()
 
 
+KERNELS = [False] + ([True] if Q.VNNI else [])  # the VNNI kernels where the CPU has them
+
+
+def _activations_ref(X, int8):
+    """The activations the kernels multiply by, in float64: X itself, or (VNNI kernels) each row
+    quantized to Q8_0 as llama.cpp's quantize_row_q8_0 does."""
+    if not int8:
+        return X.astype(np.float64)
+    return q8_0_dequantize_ref(*q8_0_quantize_ref(X), X.shape[1])
+
+
+@pytest.mark.parametrize("vnni", KERNELS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows,cols", [(1, 32), (5, 40), (33, 172), (130, 96), (257, 64)])
-def test_matmul_against_float64_reference(threads, rows, cols):
+def test_matmul_against_float64_reference(vnni, threads, rows, cols, monkeypatch):
+    """Float kernels: X as is. VNNI (T < 32): every row of X quantized to Q8_0 first."""
+    monkeypatch.setattr(Q, "VNNI", vnni)
     Q.set_threads(threads)
     try:
         x = _hard_rows(rows, cols)
@@ -73,16 +87,14 @@ def test_matmul_against_float64_reference(threads, rows, cols):
         W = q8_0_dequantize_ref(*q8_0_quantize_ref(x), cols)             # float64 [rows, cols]
         for T in range(1, 18):
             X = rng.standard_normal((T, cols)).astype(np.float32)
-            ref = X.astype(np.float64) @ W.T
-            got = Q.matmul(w, X) if T > 1 else Q.matvec(w, X[0], vnni=False)[None, :]
+            Xr = _activations_ref(X, vnni)
+            ref = Xr @ W.T
+            got = Q.matmul(w, X)
             assert got.shape == (T, rows) and got.dtype == np.float32
-            scale = np.abs(X).astype(np.float64) @ np.abs(W).T + 1e-30    # error scales with |x||w|
+            scale = np.abs(Xr) @ np.abs(W).T + 1e-30    # error scales with |x||w|
             assert (np.abs(got - ref) / scale).max() < 2e-6, (T, threads)
     finally:
         Q.set_threads(2)
-
-
-KERNELS = [False] + ([True] if Q.VNNI else [])  # the VNNI one-token kernel where the CPU has it
 
 
 @pytest.mark.parametrize("vnni", KERNELS)
@@ -108,6 +120,37 @@ def test_one_token_kernels(vnni, threads, rows, cols):
             assert (np.abs(got - exact) / (np.abs(W) @ np.abs(x.astype(np.float64)) + 1e-30)).max() < 0.01
     finally:
         Q.set_threads(2)
+
+
+@pytest.mark.parametrize("vnni", KERNELS)
+@pytest.mark.parametrize("acc64", [False, True])
+@pytest.mark.parametrize("rows,cols", [(37, 64), (130, 288), (45, 96), (33, 480), (100, 2048),
+                                       (20, 172), (50, 5632)])
+def test_small_batch_rows_equal_one_token(vnni, acc64, rows, cols, monkeypatch):
+    """Continuous batching: on VNNI CPUs row t of matmul(w, X) (T < 32) is bit for bit
+    matvec(w, X[t]), whatever the other rows (288, 96, 480: odd block counts, which take the
+    float loop per token). Without VNNI the 4-token float kernel runs: close, not equal. Both
+    within float rounding of the float64 product with the activations they multiply by."""
+    monkeypatch.setattr(Q, "VNNI", vnni)
+    w_src = _hard_rows(rows, cols)
+    w = Q.quantize(w_src)
+    W = q8_0_dequantize_ref(*q8_0_quantize_ref(w_src), cols)
+    dtype = np.float64 if acc64 else np.float32
+    for T in (2, 3, 5, 8, 17, 31):
+        X = rng.standard_normal((T, cols)).astype(np.float32) * rng.choice([0.01, 1, 50], (T, 1)).astype(np.float32)
+        got = Q.matmul(w, X, acc64=acc64)
+        assert got.shape == (T, rows) and got.dtype == dtype
+        one = np.stack([Q.matvec(w, X[t], acc64=acc64) for t in range(T)])
+        Xr = _activations_ref(X, vnni)
+        scale = np.abs(Xr) @ np.abs(W).T + 1e-30
+        if vnni:
+            assert np.array_equal(got, one), T
+            assert np.array_equal(Q.matmul(w, X[::-1], acc64=acc64), got[::-1])  # order of the batch
+            exact = X.astype(np.float64) @ W.T   # the int8 activations' own error: as llama.cpp
+            assert (np.abs(got - exact) / (np.abs(X.astype(np.float64)) @ np.abs(W).T + 1e-30)).max() < 0.01
+        else:
+            assert (np.abs(got - one) / scale).max() < 4e-6, T
+        assert (np.abs(got - Xr @ W.T) / scale).max() < 2e-6, T
 
 
 def test_gemm_path_large_batch():
