@@ -290,6 +290,8 @@ def _listen(host: str, port: int):
 
 
 def _serve(model, model_dir: Path, sock, max_queue: int, token) -> None:
+    import signal
+
     import uvicorn
 
     from client.batch import Batcher
@@ -308,10 +310,15 @@ def _serve(model, model_dir: Path, sock, max_queue: int, token) -> None:
                f"{chat.name}, {'token required' if token else 'no token'})", err=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
                                            access_log=False))
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the
+    # handler it found: let that one be a no-op, so that the engine stops and the exit is clean
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run(sockets=[sock])
     finally:
         batcher.close()
+    click.echo("stopped", err=True)
 
 
 if __name__ == "__main__":
