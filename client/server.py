@@ -173,22 +173,18 @@ def create_app(model, batcher, name: str, chat, token: str | None = None) -> Fas
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         text = []
+        watcher = asyncio.create_task(cancel_on_disconnect(request, req))
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        req.cancel()
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if ev[0] == "text":
-                    text.append(ev[1])
-                    continue
-                if ev[0] == "error":
-                    raise APIError(500, f"generation failed: {ev[1]}", "server_error")
-                break
+                what, value = await events.get()
+                if what == "text":
+                    text.append(value)
+                elif what == "error":
+                    raise APIError(500, f"generation failed: {value}", "server_error")
+                else:
+                    break
         finally:
+            watcher.cancel()
             req.cancel()  # (a no-op once finished)
         out = "".join(text)
         choice = ({"message": {"role": "assistant", "content": out}} if chat else {"text": out})
@@ -262,6 +258,14 @@ def create_app(model, batcher, name: str, chat, token: str | None = None) -> Fas
             req.cancel()  # the client went away: the engine frees its slot (a no-op once done)
 
     return app
+
+
+async def cancel_on_disconnect(request: HTTPRequest, req: Request) -> None:
+    """A client that goes away before its (non-streamed) answer: the engine drops its request.
+    The body has been read, so the next ASGI message is the disconnection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    req.cancel()
 
 
 def _text(content, i: int) -> str:
