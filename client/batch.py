@@ -114,6 +114,8 @@ class Batcher:
     # ---- the engine thread ----
     def _run(self) -> None:
         while True:
+            if self._rejoin_due():
+                self._rejoin()
             admitted = self._wait_for_work()
             if admitted is None:
                 break
@@ -122,30 +124,36 @@ class Batcher:
             self._drop_cancelled()
             if self.active:
                 self._decode_step()
-        for seq in self.active:
+        for seq in list(self.active):
             self._finish(seq, error="the server is shutting down")
         while self.waiting:
             _emit(self.waiting.popleft(), ("error", "the server is shutting down"))
 
     def _wait_for_work(self) -> list[Sequence] | None:
-        """Sleep while there is nothing to do (trying lost workers again now and then); then take
-        waiting requests into the free slots. None when closed."""
+        """Sleep while there is nothing to do (waking up now and then while workers are lost, to
+        try them again); then take waiting requests into the free slots. None when closed."""
         with self.cv:
             while not (self.closed or self.waiting or self.active):
-                if self.model.lost and time.monotonic() - self.last_rejoin >= REJOIN_EVERY:
-                    self._rejoin()
-                self.cv.wait(timeout=REJOIN_EVERY if self.model.lost else None)
+                if not self.cv.wait(timeout=REJOIN_EVERY if self.model.lost else None):
+                    return []
             if self.closed:
                 return None
             admitted = []
             while self.waiting and self.free:
                 req = self.waiting.popleft()
                 if req.cancelled:
+                    _emit(req, ("error", "cancelled"))
                     continue
                 seq = Sequence(req, self.free.pop(0), self.model.tokenizer)
                 self.active.append(seq)
                 admitted.append(seq)
             return admitted
+
+    def _rejoin_due(self) -> bool:
+        """Lost workers are tried again between requests (no sequence active), every 30 s."""
+        with self.cv:
+            idle = not (self.active or self.waiting)
+        return bool(idle and self.model.lost and time.monotonic() - self.last_rejoin >= REJOIN_EVERY)
 
     def _rejoin(self) -> None:
         self.last_rejoin = time.monotonic()

@@ -128,3 +128,28 @@ def test_chat_formats(tmp_path):
         + TOK.encode("<|assistant|>", bos=False))
     with pytest.raises(ChatError, match="no system"):
         tpl.encode([{"role": "system", "content": "x"}])
+
+
+def test_lost_workers_are_tried_again_when_idle(monkeypatch):
+    import client.batch
+    monkeypatch.setattr(client.batch, "REJOIN_EVERY", 0.05)
+    m = FakeModel(TOK.encode(" a b c", bos=False))
+    m.lost, tries = ["10.0.0.9:7000"], []
+
+    def rejoin():
+        tries.append(time.monotonic())
+        if len(tries) == 2:
+            m.lost.clear()
+        return []
+    m.rejoin = rejoin
+    b = Batcher(m)
+    try:
+        deadline = time.time() + 5
+        while m.lost and time.time() < deadline:
+            time.sleep(0.02)
+        assert len(tries) == 2 and tries[1] - tries[0] >= 0.05
+        r, q = req("x", 2)
+        b.submit(r)
+        assert collect(q)[1] == "done"
+    finally:
+        b.close()
