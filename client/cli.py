@@ -2,6 +2,7 @@
 
     bin/client generate MODEL_DIR -i PROMPT -n N      (or the shorthand: bin/client MODEL_DIR ...)
     bin/client perplexity MODEL_DIR TEXT_FILE
+    bin/client serve MODEL_DIR [--host H --port P]   (an OpenAI-compatible HTTP API)
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def _workers(workers: str, cluster_file) -> list:
 
 
 def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_local, no_cache, wire,
-          on_worker_loss, quiet=False, **_):
+          on_worker_loss, quiet=False, slots=1, **_):
     from client.model import Model
     from client.progress import Progress
     from quant.q8_0 import max_threads, set_threads
@@ -102,7 +103,8 @@ def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_
 
     model = Model.load(model_dir, fmt=weights, kv_dtype=kv_dtype, ctx=ctx,
                        progress=None if quiet else progress, workers=_workers(workers, cluster_file),
-                       local=not no_local, cache=not no_cache, wire=wire, on_loss=on_worker_loss)
+                       local=not no_local, cache=not no_cache, wire=wire, on_loss=on_worker_loss,
+                       slots=slots)
     if bar:
         bar.close()
     return model
@@ -228,6 +230,95 @@ def perplexity(model_dir, text_file, as_json, **opts):
             click.echo(f"perplexity {value:.4f} over {n} tokens ({opts['weights']} weights)")
     except UserError as e:
         _fail(str(e))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; needs a token or --insecure).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--slots", type=click.IntRange(1, 31), default=8, show_default=True,
+              help="Requests decoding together (each has its own KV cache of --ctx positions). "
+              "At most 31: a request's output is then the same alone or batched.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests that may wait for a free slot; beyond them the server answers 429.")
+@click.option("--token", default=None, help="Clients must send `Authorization: Bearer TOKEN` "
+              "(default: --token-file, else $TENSORLAN_TOKEN, else no token).")
+@click.option("--token-file", type=click.Path(path_type=Path), default=None,
+              help="Read the token from the first line of this file.")
+@click.option("--insecure", is_flag=True,
+              help="Allow listening on a non-loopback address without a token.")
+@_model_options
+def serve(model_dir, host, port, slots, max_queue, token, token_file, insecure, **opts):
+    """Serve MODEL_DIR over an OpenAI-compatible HTTP API at http://HOST:PORT/v1.
+
+    GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming with
+    server-sent events; max_tokens, temperature, top_p, seed, stop, and vLLM's ignore_eos),
+    GET /health. Concurrent requests decode together, one batched forward pass per token for
+    all of them (continuous batching); --max-queue more wait for a slot, and beyond that
+    requests get 429. Any model name is accepted. Stop with Ctrl-C or SIGTERM."""
+    try:
+        from client.auth import is_loopback, resolve_token
+
+        token = resolve_token(token, token_file)
+        if not token and not insecure and not is_loopback(host):
+            raise UserError(f"--host {host} is reachable from other machines and no token is set: "
+                            "give --token, --token-file or $TENSORLAN_TOKEN (or --insecure)")
+        sock = _listen(host, port)
+        model = _load(model_dir, slots=slots, **opts)
+        click.echo(f"loaded {model_dir} in {model.load_seconds:.2f} s", err=True)
+        _print_memory(model)
+        from client.profile import print_nodes
+        print_nodes(model)
+        _serve(model, model_dir, sock, max_queue, token)
+    except UserError as e:
+        _fail(str(e))
+
+
+def _listen(host: str, port: int):
+    """Bind the port before the (long) load, so that a port in use fails at once."""
+    import socket
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(256)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})")
+    return sock
+
+
+def _serve(model, model_dir: Path, sock, max_queue: int, token) -> None:
+    import signal
+
+    import uvicorn
+
+    from client.batch import Batcher
+    from client.chat import ChatFormat
+    from client.server import create_app
+
+    chat = ChatFormat(model_dir, model.tokenizer)
+    batcher = Batcher(model, max_queue)
+    name = Path(model_dir).resolve().name
+    app = create_app(model, batcher, name, chat, token)
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    workers = len(model.remote)
+    click.echo(f"serving {name} on http://{url_host}:{port}/v1 ({model.slots} slots, queue "
+               f"{max_queue}, ctx {model.ctx}, {workers} worker{'s' * (workers != 1)}, chat: "
+               f"{chat.name}, {'token required' if token else 'no token'})", err=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
+                                           access_log=False))
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the
+    # handler it found: let that one be a no-op, so that the engine stops and the exit is clean
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        batcher.close()
+    click.echo("stopped", err=True)
 
 
 if __name__ == "__main__":
