@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
 
 import click
 
-from client.errors import UserError
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: errors are our one line
+from client.errors import UserError  # noqa: E402
 
 
 def _fail(msg: str) -> None:
@@ -62,6 +64,16 @@ def _model_options(f):
     f = click.option("--no-cache", is_flag=True,
                      help="Send workers every slice again, even those they still hold from an "
                      "earlier run with the same model and plan (by default only hashes go).")(f)
+    f = click.option("--token", default=None, help="The workers' shared secret (default: "
+                     "$TENSORLAN_TOKEN). It shows in `ps`: prefer --token-file or the variable.")(f)
+    f = click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="A file holding the workers' token.")(f)
+    f = click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Talk TLS to the workers, trusting the certificates this CA (PEM) signed.")(f)
+    f = click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="This client's certificate (PEM), for workers that require one (--tls-client-ca).")(f)
+    f = click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="The client certificate's private key (PEM).")(f)
     f = click.option("--perf-csv", type=click.Path(path_type=Path), default=None,
                      help="Write one row per call to a worker (token, layer, block, worker, rows, "
                      "bytes, compute and round-trip us) to this CSV file.")(f)
@@ -77,9 +89,10 @@ def _workers(workers: str, cluster_file) -> list:
 
 
 def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_local, no_cache, wire,
-          quiet=False, **_):
+          token=None, token_file=None, tls_ca=None, tls_cert=None, tls_key=None, quiet=False, **_):
     from client.model import Model
     from client.progress import Progress
+    from proto.security import ClientTLS, resolve_token
     from quant.q8_0 import max_threads, set_threads
 
     if threads:
@@ -87,6 +100,10 @@ def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_
             raise UserError(f"--threads {threads}: at most {max_threads()} here; set "
                             f"NUMBA_NUM_THREADS={threads} in the environment to allow more")
         set_threads(threads)
+    if (tls_cert or tls_key) and not tls_ca:
+        raise UserError("--tls-cert and --tls-key need --tls-ca (the CA of the workers' certificates)")
+    token = resolve_token(token, token_file)
+    tls = ClientTLS(tls_ca, tls_cert, tls_key) if tls_ca else None
     bar = None
 
     def progress(done, total):
@@ -96,7 +113,7 @@ def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_
 
     model = Model.load(model_dir, fmt=weights, kv_dtype=kv_dtype, ctx=ctx,
                        progress=None if quiet else progress, workers=_workers(workers, cluster_file),
-                       local=not no_local, cache=not no_cache, wire=wire)
+                       local=not no_local, cache=not no_cache, wire=wire, token=token, tls=tls)
     if bar:
         bar.close()
     return model
@@ -113,14 +130,8 @@ def _check_prompt(model_dir: Path, prompt: str, ctx: int | None) -> None:
                         + (" (or raise --ctx up to the model's maximum)" if ctx else ""))
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-
-
 def _print_memory(model) -> None:
+    from client.host import human_bytes as _human
     rows = model.memory_table()
     out = [f"{'layer type':<22} {'quant':<6} {'memory':>11} {'params':>14} {'bytes/param':>11}"]
     for kind, q, b, p in rows:

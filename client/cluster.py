@@ -7,6 +7,9 @@
     .wait()                         ... and read its StepReply: the partial sum
 
 Every call is timed: `calls` keeps one record per step for matmul_perf.csv and the profile.
+RemoteNode(addr, token=T, tls=ClientTLS(...)) authenticates to a worker that requires a token
+(metadata on every gRPC call; the first frame of the step channel) and speaks TLS on both
+channels.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ from client.errors import UserError
 from client.progress import Progress
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
+from proto.security import ClientTLS, bearer
 from proto.wire import (PROTOCOL_VERSION, FrameReader, WireError, decode, encode, pack_tensor,
                         request_wire, send_frame)
 
@@ -114,13 +119,19 @@ class Call:
 
 
 class RemoteNode:
-    def __init__(self, addr: str, weight: float | None = None):
+    def __init__(self, addr: str, weight: float | None = None, token: str | None = None,
+                 tls: ClientTLS | None = None):
+        """`token`: the worker's shared secret (sent with every call); `tls`: the CA (and client
+        certificate) for a worker that uses TLS."""
         self.addr, self.weight = addr, weight
         self.host = addr.rpartition(":")[0].strip("[]")
-        self.channel = grpc.insecure_channel(addr, options=[
-            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        self.secret, self.tls, self.metadata = token, tls, bearer(token)
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = (grpc.secure_channel(addr, tls.grpc_credentials(), options) if tls
+                        else grpc.insecure_channel(addr, options=options))
         self.stub = rpc.WorkerStub(self.channel)
         self.sock = self.frames = None
+        self._greet = False      # the next frame opens a step-channel connection: it carries the token
         self.seq = 0
         self.token = 0           # set by the model: which forward pass the calls belong to
         self.calls: list[Call] = []
@@ -130,15 +141,38 @@ class RemoteNode:
     def hello(self) -> pb.HelloReply:
         try:
             h = self.stub.Hello(pb.HelloRequest(protocol_version=PROTOCOL_VERSION, client="tensorlan"),
-                                timeout=HELLO_TIMEOUT)
+                                timeout=HELLO_TIMEOUT, metadata=self.metadata)
         except grpc.RpcError as e:
-            raise UserError(f"worker {self.addr} is unreachable ({e.code().name}): start it with "
-                            f"`bin/worker PORT` there, or fix --workers")
+            raise self._hello_failed(e) from None
         if h.protocol_version != PROTOCOL_VERSION:
             raise UserError(f"worker {self.addr} speaks protocol {h.protocol_version}, this client "
                             f"{PROTOCOL_VERSION}: run the same tensorlan version on both")
         self.info = h
         return h
+
+    def _hello_failed(self, e: grpc.RpcError) -> UserError:
+        """One line for a handshake that failed: the token, TLS on one side only, or no worker."""
+        code, details = e.code(), " ".join((e.details() or "").split())[:300]
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return UserError(f"worker {self.addr} refused this client: {details}")
+        if code == grpc.StatusCode.UNAVAILABLE and self.tls and ("handshake" in details.lower()
+                                                                 or "ssl" in details.lower()):
+            return UserError(f"worker {self.addr}: TLS handshake failed ({details}): both sides need TLS, "
+                             f"or neither; --tls-ca must have signed the worker's certificate, which "
+                             f"must name {self.host}")
+        if code == grpc.StatusCode.UNAVAILABLE and not self.tls and self._accepts_tcp():
+            return UserError(f"worker {self.addr} accepts connections but does not answer plaintext gRPC "
+                             f"({details}): if it uses TLS, give --tls-ca (both sides need TLS, or neither)")
+        return UserError(f"worker {self.addr} is unreachable ({code.name}): start it with "
+                         f"`bin/worker PORT` there, or fix --workers")
+
+    def _accepts_tcp(self) -> bool:
+        port = int(self.addr.rpartition(":")[2])
+        try:
+            socket.create_connection((self.host, port), timeout=HELLO_TIMEOUT).close()
+            return True
+        except OSError:
+            return False
 
     def upload(self, shard, loaders, config_json: str, total: int, manifest=None) -> list:
         """Send this worker its shard: `loaders` [(name, load)] in order (see slices.shard_tensors),
@@ -149,7 +183,7 @@ class RemoteNode:
         if manifest and len(manifest) == len(loaders):
             try:
                 have = list(self.stub.Have(pb.HaveRequest(sha256=[t.sha256 for t in manifest]),
-                                           timeout=HELLO_TIMEOUT).have)
+                                           timeout=HELLO_TIMEOUT, metadata=self.metadata).have)
             except grpc.RpcError:
                 pass
         header = pb.UploadHeader(config_json=config_json, head_begin=shard.heads[0],
@@ -182,7 +216,7 @@ class RemoteNode:
                         bar.update(done)
 
         try:
-            reply = self.stub.Upload(chunks())
+            reply = self.stub.Upload(chunks(), metadata=self.metadata)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and any(have):  # evicted meanwhile
                 bar.close()
@@ -198,13 +232,22 @@ class RemoteNode:
         if self.sock:
             return
         try:
-            self.sock = socket.create_connection((self.host, self.info.data_port), timeout=HELLO_TIMEOUT)
+            sock = socket.create_connection((self.host, self.info.data_port), timeout=HELLO_TIMEOUT)
         except OSError as e:
             raise UserError(f"worker {self.addr}: step channel port {self.info.data_port} "
                             f"unreachable ({e.strerror or e}); open it in the firewall")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls:
+            try:
+                sock = self.tls.wrap(sock, self.host)
+            except (ssl.SSLError, OSError) as e:
+                sock.close()
+                raise UserError(f"worker {self.addr}: TLS handshake on the step channel (port "
+                                f"{self.info.data_port}) failed ({e}): both sides need TLS, or neither")
+        self.sock = sock
         self.sock.settimeout(None)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.frames = FrameReader(self.sock)
+        self.frames = FrameReader(self.sock, spin=0.0) if self.tls else FrameReader(self.sock)
+        self._greet = True
 
     def step_cost(self, nbytes: int, n: int = 30) -> float:
         """Seconds that each layer step costs this node beyond its compute, from PINGs on the
@@ -238,6 +281,8 @@ class RemoteNode:
     def _request(self, req) -> int:
         self.seq += 1
         req.seq = self.seq
+        if self._greet:  # the worker checks the token on a connection's first frame
+            req.token, self._greet = self.secret or "", False
         return send_frame(self.sock, req)
 
     def _reply(self):
@@ -280,7 +325,7 @@ class RemoteNode:
         ts = []
         for _ in range(n):
             t = time.perf_counter()
-            self.stub.Ping(pb.PingRequest(payload=payload), timeout=HELLO_TIMEOUT)
+            self.stub.Ping(pb.PingRequest(payload=payload), timeout=HELLO_TIMEOUT, metadata=self.metadata)
             ts.append(time.perf_counter() - t)
         return float(np.median(ts) * 1e6)
 

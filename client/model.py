@@ -176,12 +176,13 @@ class Model:
 
     @staticmethod
     def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=None, progress=None,
-             workers=(), local=True, cache=True, wire="f32"):
+             workers=(), local=True, cache=True, wire="f32", token=None, tls=None):
         """Load a model; with `workers` [(host:port, weight or None)], spread it over them (and
         this process unless local=False): in proportion to explicit weights, else with equal
         time per token on every node (plan_weights; workers not worth their round trips are left
         out, in `idle`). Every node's share is checked against its memory before anything is
-        loaded; workers get theirs streamed (and, with `cache`, only what they do not hold)."""
+        loaded; workers get theirs streamed (and, with `cache`, only what they do not hold).
+        `token` and `tls` (proto.security.ClientTLS): how to reach workers that require them."""
         t0 = time.perf_counter()
         model_dir = Path(model_dir)
         cfg = LlamaConfig.load(model_dir)
@@ -193,7 +194,7 @@ class Model:
         ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
         if not local and not workers:
             raise UserError("no nodes: --no-local needs --workers")
-        remote = [RemoteNode(addr, w) for addr, w in workers]
+        remote = [RemoteNode(addr, w, token, tls) for addr, w in workers]
         for r in remote:
             r.hello()
         if weights is None and remote:

@@ -162,21 +162,33 @@ def _load_wo(ckpt, cfg, l, heads, fmt):
     return load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h0 * d, h1 * d), fmt=fmt)
 
 
-def shard_nbytes(cfg: LlamaConfig, shard: Shard, fmt="q8_0", ctx: int = 0, kv_dtype="bf16") -> int:
-    """Bytes a node holding `shard` needs for its weights (and, given ctx, its KV caches),
-    from the shapes alone: for planning and memory checks before anything is loaded."""
-    D, F, d = cfg.dim, cfg.ffn_dim, cfg.head_dim
+def shard_shapes(cfg: LlamaConfig, shard: Shard, fmt="q8_0") -> dict[str, tuple[int, int]]:
+    """The [rows, cols] of each tensor of a shard (the names of shard_tensors), from the config
+    alone: Wo's columns are head_dim per head in f32 and whole Q8_0 blocks per head in q8_0
+    (see _load_wo)."""
+    D, d = cfg.dim, cfg.head_dim
     nq = shard.heads[1] - shard.heads[0]
     nkv = (lambda k: k[1] - k[0])(kv_range(cfg, shard.heads)) if nq else 0
     nu = shard.units[1] - shard.units[0]
-    d_wo = q8.padded(d) if fmt == "q8_0" else d  # Wo's head columns, padded per head (see _load_wo)
-    layer = 0
-    if nq:
-        layer += q8.nbytes((nq + 2 * nkv) * d, D, fmt) + q8.nbytes(D, nq * d_wo, fmt)
-        layer += 2 * nkv * ctx * d * np.dtype(KV_DTYPES[kv_dtype]).itemsize
-    if nu:
-        layer += q8.nbytes(2 * nu, D, fmt) + q8.nbytes(D, nu, fmt)
-    return cfg.n_layers * layer + q8.nbytes(shard.rows[1] - shard.rows[0], D, fmt)
+    d_wo = q8.padded(d) if fmt == "q8_0" else d
+    out = {}
+    for l in range(cfg.n_layers):
+        if nq:
+            out[f"layers.{l}.wqkv"], out[f"layers.{l}.wo"] = ((nq + 2 * nkv) * d, D), (D, nq * d_wo)
+        if nu:
+            out[f"layers.{l}.wgu"], out[f"layers.{l}.wdown"] = (2 * nu, D), (D, nu)
+    out["classifier"] = (shard.rows[1] - shard.rows[0], D)
+    return out
+
+
+def shard_nbytes(cfg: LlamaConfig, shard: Shard, fmt="q8_0", ctx: int = 0, kv_dtype="bf16") -> int:
+    """Bytes a node holding `shard` needs for its weights (and, given ctx, its KV caches),
+    from the shapes alone: for planning and memory checks before anything is loaded."""
+    weights = sum(q8.nbytes(r, c, fmt) for r, c in shard_shapes(cfg, shard, fmt).values())
+    nq = shard.heads[1] - shard.heads[0]
+    nkv = (lambda k: k[1] - k[0])(kv_range(cfg, shard.heads)) if nq else 0
+    kv = 2 * nkv * ctx * cfg.head_dim * np.dtype(KV_DTYPES[kv_dtype]).itemsize
+    return weights + cfg.n_layers * kv
 
 
 def shard_tensors(ckpt: Checkpoint, cfg: LlamaConfig, shard: Shard, fmt="q8_0", classifier=None):
@@ -228,6 +240,8 @@ class SliceSet:
 
     def with_fresh_cache(self, ctx: int, kv_dtype: str) -> "SliceSet":
         """The same weights with new, empty KV caches (one per worker session)."""
+        if ctx > len(self.rope[0]):  # the kernels index the tables unchecked
+            raise ValueError(f"ctx {ctx}: the RoPE tables cover {len(self.rope[0])} positions")
         return replace(self, attn=[None if a is None else a.fresh(ctx, kv_dtype) for a in self.attn])
 
     def tensors(self) -> dict:
@@ -244,7 +258,7 @@ class SliceSet:
     @staticmethod
     def from_tensors(cfg: LlamaConfig, shard: Shard, tensors: dict, ctx: int, kv_dtype="bf16"):
         """Rebuild a SliceSet from `tensors()` of the same shard (a worker after an upload)."""
-        s = SliceSet(shard, rope=rope_tables(cfg))
+        s = SliceSet(shard, rope=rope_tables(cfg, ctx))  # positions < ctx: the caches' length
         for l in range(cfg.n_layers):
             s.attn.append(AttentionSlice.make(cfg, shard.heads, tensors[f"layers.{l}.wqkv"],
                                               tensors[f"layers.{l}.wo"], ctx, kv_dtype)
