@@ -152,15 +152,16 @@ class RemoteNode:
 
     def _hello_failed(self, e: grpc.RpcError) -> UserError:
         """One line for a handshake that failed: the token, TLS on one side only, or no worker."""
-        code, details = e.code(), " ".join((e.details() or "").split())[:300]
+        code, details = e.code(), " ".join((e.details() or "").split())
+        details = details.removeprefix("failed to connect to all addresses; last error: ")[:300]
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return UserError(f"worker {self.addr} refused this client: {details}")
-        if code == grpc.StatusCode.UNAVAILABLE and self.tls and ("handshake" in details.lower()
-                                                                 or "ssl" in details.lower()):
-            return UserError(f"worker {self.addr}: TLS handshake failed ({details}): both sides need TLS, "
-                             f"or neither; --tls-ca must have signed the worker's certificate, which "
-                             f"must name {self.host}")
-        if code == grpc.StatusCode.UNAVAILABLE and not self.tls and self._accepts_tcp():
+        if code == grpc.StatusCode.UNAVAILABLE and self._accepts_tcp():  # something listens there
+            if self.tls:
+                return UserError(f"worker {self.addr}: TLS handshake failed ({details}): both sides need "
+                                 f"TLS, or neither; --tls-ca must have signed the worker's certificate, "
+                                 f"which must name {self.host}; a worker with --tls-client-ca also needs "
+                                 "this client's --tls-cert and --tls-key")
             return UserError(f"worker {self.addr} accepts connections but does not answer plaintext gRPC "
                              f"({details}): if it uses TLS, give --tls-ca (both sides need TLS, or neither)")
         return UserError(f"worker {self.addr} is unreachable ({code.name}): start it with "

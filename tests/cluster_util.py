@@ -66,7 +66,7 @@ class Workers:
                                     str(threads), "--host", host, *extra]
             self.logs.append(tempfile.TemporaryFile("w+"))
             self.procs.append(subprocess.Popen(cmd, stderr=self.logs[-1], text=True, env=env))
-            self.addrs.append(f"{host}:{port}")
+            self.addrs.append(f"{'127.0.0.1' if host == '0.0.0.0' else host}:{port}")
         try:
             for a, p in zip(self.addrs, self.procs):
                 wait_ready(a, credentials=credentials, proc=p)

@@ -329,14 +329,13 @@ class Worker(rpc.WorkerServicer):
             if session is None:
                 send_frame(conn, error_reply(0, grpc.StatusCode.RESOURCE_EXHAUSTED, self.full_message()))
                 return
-            log.info("session %s:%d started", *addr[:2])
-            self.serve_session(conn, session, addr[0])
+            self.serve_session(conn, session, addr)
         except (WireError, OSError) as e:
             log.info("session %s:%d: %s", *addr[:2], e)
         finally:
             conn.close()
             self.sessions.close(session)
-        if session is not None:
+        if session is not None and session.authenticated:
             state = session.state
             log.info("session %s:%d closed after %d steps, %.1f s (%.2f s of CPU; computing %.2f s); "
                      "worker peak RSS %.2f GB", *addr[:2], state.get("steps", 0), time.perf_counter() - t0,
@@ -353,13 +352,12 @@ class Worker(rpc.WorkerServicer):
         conn.settimeout(None)
         return conn
 
-    def serve_session(self, conn: socket.socket, session, peer: str) -> None:
+    def serve_session(self, conn: socket.socket, session, addr) -> None:
         """Read requests and answer them. A frame over --max-message-mb: RESOURCE_EXHAUSTED and
         the connection closes (its bytes cannot be skipped); one that does not parse:
         INVALID_ARGUMENT (the connection closes if it was the first); a first frame without the
         token: UNAUTHENTICATED, closed."""
         frames = FrameReader(conn, spin=self.spin, max_frame=self.limits.max_message)
-        authenticated = False
         while True:
             try:
                 raw = frames.read_raw()
@@ -373,17 +371,17 @@ class Worker(rpc.WorkerServicer):
                 req = parse(pb.StepRequest, raw)
             except WireError as e:
                 send_frame(conn, error_reply(0, grpc.StatusCode.INVALID_ARGUMENT, str(e)))
-                if not authenticated:
+                if not session.authenticated:
                     return
                 continue
-            if not authenticated:
-                if not self.gate.allows(req.token, peer):
+            if not session.authenticated:
+                if not self.gate.allows(req.token, addr[0]):
                     send_frame(conn, error_reply(req.seq, grpc.StatusCode.UNAUTHENTICATED,
                                                  "wrong or missing token: give the worker's token "
                                                  "(--token, --token-file or $TENSORLAN_TOKEN)"))
                     return
-                authenticated = True
                 self.sessions.started(session)
+                log.info("session %s:%d started", *addr[:2])
             with session.serving() as live:
                 if not live:
                     return

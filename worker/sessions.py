@@ -30,6 +30,7 @@ class Session:
         self.lock = threading.Lock()   # held while a request is served: not idle then
         self.last = time.monotonic()
         self.expired = False
+        self.authenticated = False     # its first request carried the token (see Sessions.started)
 
     def touch(self) -> None:
         self.last = time.monotonic()
@@ -60,8 +61,8 @@ class Sessions:
         return s
 
     def started(self, s: Session) -> None:
-        """Its first request arrived: from now on the full idle timeout applies."""
-        s.timeout = self.timeout
+        """Its first request arrived with the token: from now on the full idle timeout applies."""
+        s.timeout, s.authenticated = self.timeout, True
 
     def close(self, s: Session | None) -> None:
         if s is None:
