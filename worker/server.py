@@ -266,9 +266,10 @@ class Worker(rpc.WorkerServicer):
             if req.op == pb.PING:  # echo: the client times the channel with a step's bytes
                 reply.y = req.x
                 return reply
-            if req.op == pb.OPEN:
+            if req.op == pb.OPEN:  # (again: a new KV cache; a refused one keeps the old)
+                opened = self.open(req)
                 self.close(state)
-                state["slices"], state["upload"], state["kv_bytes"] = self.open(req)
+                state["slices"], state["upload"], state["kv_bytes"] = opened
                 state["wire"] = req.wire or "f32"
             elif state.get("slices") is None:
                 raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "no OPEN before steps")
@@ -435,7 +436,12 @@ class Worker(rpc.WorkerServicer):
             raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"step {op} of {req.tokens} tokens: its reply would take {human_bytes(out)}, "
                             f"over this worker's --max-message-mb: send fewer tokens per step")
-        y = slices.run(op, req.layer, x, req.pos)
+        if not np.isfinite(x).all():
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"step {op}: x holds NaN or infinity")
+        try:
+            y = slices.run(op, req.layer, x, req.pos)
+        except ArithmeticError as e:  # Numba's kernels raise on a NaN divisor (e.g. after an overflow)
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"step {op}: {e} (activations too large?)")
         return np.zeros(x.shape, np.float64) if y is None else y
 
 
