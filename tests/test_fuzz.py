@@ -12,6 +12,7 @@ import json
 import random
 import socket
 import struct
+import threading
 import time
 from collections import Counter
 
@@ -26,6 +27,7 @@ from client.generate import generate
 from client.model import Model
 from client.slices import Shard, shard_nbytes, shard_tensors
 from proto import tensorlan_pb2 as pb
+from proto import tensorlan_pb2_grpc as rpc
 from proto.wire import FrameReader, WireError, encode, pack_tensor, send_frame
 
 pytestmark = pytest.mark.slow
@@ -263,9 +265,43 @@ class Fuzzer:
             yield r
 
     def upload(self) -> None:
+        """A malformed upload; or, one time in ten, a valid one the client abandons midway."""
+        if self.rng.random() < 0.1:
+            return self.abandoned_upload()
         raws = upload_stream(self.rng, self.m)
         self.status(lambda: self.channel.stream_unary("/tensorlan.Worker/Upload")(
             self._counted(raws), timeout=10, metadata=self.metadata()))
+
+    def abandoned_upload(self) -> None:
+        chunks = [c.SerializeToString() for c in self.m.upload()]
+        cut = self.rng.randrange(1, len(chunks))
+        sent, release = threading.Event(), threading.Event()
+
+        def gone():
+            yield from self._counted(chunks[:cut])
+            sent.set()
+            release.wait(10)
+
+        call = self.channel.stream_unary("/tensorlan.Worker/Upload").future(gone(), timeout=10, metadata=RIGHT)
+        assert sent.wait(10)
+        time.sleep(0.005)   # the worker reads them, then the client is gone
+        call.cancel()
+        release.set()
+        assert call.cancelled()
+        self.statuses["CANCELLED (by the client)"] += 1
+
+    def settled_room(self, stub) -> int:
+        """What the worker offers for new shards once idle uploads are dropped (an upload too
+        large for it makes it drop them) and only the kept session is open."""
+        with pytest.raises(grpc.RpcError):
+            stub.Upload(iter([pb.UploadChunk(header=pb.UploadHeader(total_bytes=1 << 62))]), timeout=10,
+                        metadata=RIGHT)
+        for _ in range(100):
+            h = stub.Hello(pb.HelloRequest(), timeout=10, metadata=RIGHT)
+            if h.sessions == 1:
+                return h.memory_bytes
+            time.sleep(0.1)
+        raise AssertionError(f"{h.sessions} sessions open after the fuzz")
 
     def session(self) -> None:
         """A gRPC Session stream: an OPEN, then valid and mutated requests."""
@@ -360,6 +396,8 @@ def test_fuzz_worker_stays_correct_and_bounded():
         for _ in range(40):   # warm up every path before measuring memory
             for kind in (fz.steps, fz.session, fz.upload, fz.unary):
                 kind()
+        stub = rpc.WorkerStub(fz.channel)
+        room = fz.settled_room(stub)
         pid = w.procs[0].pid
         rss, warm, n_calls = [_rss_mb(pid)], fz.sent, 0
         while fz.sent - warm < 10_000:
@@ -369,6 +407,8 @@ def test_fuzz_worker_stays_correct_and_bounded():
                 assert generate(kept, ids, 8).new_ids == want      # the other session goes on
                 rss.append(_rss_mb(pid))
         rss.append(_rss_mb(pid))
+        # every refused, failed or abandoned upload and every closed session gave back its memory
+        assert fz.settled_room(stub) == room
         fresh = Model.load(STORIES, workers=[(w.addrs[0], 1.0)], local=False, token=TOKEN)
         assert generate(fresh, ids, 8).new_ids == want
         assert generate(kept, ids, 8).new_ids == want
