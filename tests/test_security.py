@@ -23,7 +23,7 @@ from client.slices import Shard, shard_nbytes, shard_tensors
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
 from proto.security import ClientTLS, check_bind, resolve_token
-from proto.wire import PROTOCOL_VERSION, FrameReader, send_frame
+from proto.wire import PROTOCOL_VERSION, FrameReader, pack_tensor, send_frame
 
 CLIENT = str(ROOT / "bin" / "client")
 TOKEN = "0123456789abcdef-test-token"
@@ -281,6 +281,37 @@ def test_session_expiry_frees_the_kv_caches(limited, want):
     assert _greedy(m2) == want       # a new session is served
     m2.remote[0].close()
     assert _hello(limited, 0).sessions == 0
+
+
+@pytest.mark.slow
+def test_a_stalled_upload_expires_and_gives_back_its_memory(limited):
+    room = _hello(limited).memory_bytes
+    cfg = Model.load(STORIES).cfg
+    whole = Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size))
+    total = shard_nbytes(cfg, whole)
+    info, parts = pack_tensor("layers.0.wqkv", shard_tensors(Checkpoint(STORIES), cfg, whole)[0][1]())
+    stalled = threading.Event()
+
+    def chunks():
+        yield pb.UploadChunk(header=pb.UploadHeader(config_json=(STORIES / "config.json").read_text(),
+                                                    head_end=cfg.n_heads, unit_end=cfg.ffn_dim,
+                                                    row_end=cfg.vocab_size, total_bytes=total))
+        yield pb.UploadChunk(tensor=info)
+        yield pb.UploadChunk(data=bytes(parts[0][:100]))
+        stalled.wait(30)   # and nothing more
+
+    call = limited.stub.Upload.future(chunks(), timeout=30, metadata=RIGHT)
+    try:
+        time.sleep(1)
+        assert _hello(limited).memory_bytes == room - total      # reserved for it
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            call.result(timeout=10)
+        assert e.value.code() == grpc.StatusCode.CANCELLED and 1.5 < time.monotonic() - t < 5
+    finally:
+        stalled.set()
+    assert _hello(limited).memory_bytes == room
+    assert "upload session from 127.0.0.1 expired after 3 s idle" in limited.log()
 
 
 @pytest.mark.slow
