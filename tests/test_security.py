@@ -382,3 +382,50 @@ def test_version_mismatch_is_one_line_naming_both_versions():
 def test_unreachable_worker_is_one_line():
     line = _one_error_line(*_client("--workers", f"127.0.0.1:{free_port()}")[::2])
     assert "unreachable" in line and "bin/worker PORT" in line
+
+
+def test_gate_checks_the_token_parses_and_turns_a_bug_into_internal():
+    """worker/gate.py in front of a servicer: no token, no call; bytes that are not the message:
+    INVALID_ARGUMENT before the servicer sees them; an exception it did not turn into a status:
+    INTERNAL (logged), and the server goes on."""
+    from worker.gate import Gate
+
+    class Servicer:
+        calls = []
+
+        def Hello(self, request, context):
+            self.calls.append(request.client)
+            if request.client == "boom":
+                raise RuntimeError("a bug")
+            return pb.HelloReply(worker_id=request.client)
+
+        def Session(self, requests, context):
+            for r in requests:
+                yield pb.StepReply(seq=r.seq)
+
+        Have = Ping = Upload = None
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((Gate(TOKEN).handler(Servicer()),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        hello = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary("/tensorlan.Worker/Hello")
+        assert pb.HelloReply.FromString(hello(pb.HelloRequest(client="a").SerializeToString(),
+                                              metadata=RIGHT, timeout=10)).worker_id == "a"
+        for raw, md, code in [(pb.HelloRequest(client="b").SerializeToString(), WRONG, "UNAUTHENTICATED"),
+                              (b"\xff\xff\xff", RIGHT, "INVALID_ARGUMENT"),
+                              (pb.HelloRequest(client="boom").SerializeToString(), RIGHT, "INTERNAL")]:
+            with pytest.raises(grpc.RpcError) as e:
+                hello(raw, metadata=md, timeout=10)
+            assert e.value.code().name == code, e.value.details()
+        assert "RuntimeError: a bug" in e.value.details()
+        assert Servicer.calls == ["a", "boom"]
+        session = grpc.insecure_channel(f"127.0.0.1:{port}").stream_stream("/tensorlan.Worker/Session")
+        replies = session(iter([pb.StepRequest(seq=1).SerializeToString(), b"\x08"]), metadata=RIGHT, timeout=10)
+        assert pb.StepReply.FromString(next(replies)).seq == 1
+        with pytest.raises(grpc.RpcError) as e:       # the second message is cut short
+            next(replies)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop(0)

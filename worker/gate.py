@@ -42,7 +42,8 @@ class Gate:
             return True
         with self.lock:
             first = peer not in self.refused and len(self.refused) < MAX_LOGGED
-            self.refused.add(peer) if first else None
+            if first:
+                self.refused.add(peer)
         if first:
             log.warning("refused %s: wrong or missing token (UNAUTHENTICATED; logged once per address)", peer)
         return False
@@ -110,8 +111,9 @@ class guard:
         return self
 
     def __exit__(self, kind, exc, tb):
-        if exc is None or not isinstance(exc, Exception) or self.context.code() is not None \
-                or isinstance(exc, grpc.RpcError) or not self.context.is_active():
+        already_a_status = (self.context.code() is not None or isinstance(exc, grpc.RpcError)
+                            or not self.context.is_active())
+        if not isinstance(exc, Exception) or already_a_status:
             return False
         log.error("worker error (answered INTERNAL)", exc_info=(kind, exc, tb))
         self.context.abort(grpc.StatusCode.INTERNAL, f"worker error: {kind.__name__}: {exc}")

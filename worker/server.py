@@ -322,9 +322,9 @@ class Worker(rpc.WorkerServicer):
         session slot, the token on the first frame, then a reply per request until the client
         closes, a frame breaks or the session expires."""
         q8_0.set_threads(self.threads)  # Numba's thread count is per calling thread
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session, t0, c0 = None, time.perf_counter(), time.thread_time()
         try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = self.handshake(conn)
             session = self.sessions.open("steps", addr[0], lambda: shutdown(conn), FIRST_REQUEST_S)
             if session is None:
@@ -503,8 +503,12 @@ def serve(port: int, host: str = "127.0.0.1", data_port: int | None = None, thre
         while not stop.is_set():
             try:
                 conn, addr = lsock.accept()
-            except OSError:
-                return
+            except OSError as e:
+                if stop.is_set() or lsock.fileno() < 0:
+                    return
+                log.warning("step channel: accept failed (%s); retrying", e)  # e.g. out of file descriptors
+                time.sleep(0.1)
+                continue
             threading.Thread(target=worker.serve_steps, args=(conn, addr), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
