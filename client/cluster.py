@@ -284,7 +284,10 @@ class RemoteNode:
         req.seq = self.seq
         if self._greet:  # the worker checks the token on a connection's first frame
             req.token, self._greet = self.secret or "", False
-        return send_frame(self.sock, req)
+        try:
+            return send_frame(self.sock, req)
+        except OSError as e:  # e.g. the worker closed it (its session expired, it stopped)
+            raise UserError(f"worker {self.addr}: step channel broke ({e.strerror or e})")
 
     def _reply(self):
         try:

@@ -31,10 +31,16 @@ class FrameTooLarge(WireError):
         self.n, self.limit = n, limit
 
 
-def send_frame(sock: socket.socket, msg) -> int:
+def frame(msg) -> bytes:
+    """A message as the step channel carries it: its length (u32 little-endian), then it."""
     data = msg.SerializeToString()
-    sock.sendall(_LEN.pack(len(data)) + data)
-    return len(data) + 4
+    return _LEN.pack(len(data)) + data
+
+
+def send_frame(sock: socket.socket, msg) -> int:
+    data = frame(msg)
+    sock.sendall(data)
+    return len(data)
 
 
 class FrameReader:

@@ -40,7 +40,7 @@ from worker.gate import Gate, peer_host
 from worker.sessions import FIRST_REQUEST_S, Sessions
 from proto import tensorlan_pb2_grpc as rpc
 from proto.wire import (PROTOCOL_VERSION, WIRES, FrameReader, FrameTooLarge, WireError, decode, encode,
-                        parse, request_wire, send_frame, tensor_nbytes, unpack_tensor)
+                        frame, parse, request_wire, send_frame, tensor_nbytes, unpack_tensor)
 from quant import q8_0
 
 log = logging.getLogger("tensorlan.worker")
@@ -326,7 +326,7 @@ class Worker(rpc.WorkerServicer):
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = self.handshake(conn)
-            session = self.sessions.open("steps", addr[0], lambda: shutdown(conn), FIRST_REQUEST_S)
+            session = self.sessions.open("steps", addr[0], lambda: self.expire(conn), FIRST_REQUEST_S)
             if session is None:
                 send_frame(conn, error_reply(0, grpc.StatusCode.RESOURCE_EXHAUSTED, self.full_message()))
                 return
@@ -342,6 +342,20 @@ class Worker(rpc.WorkerServicer):
                      "worker peak RSS %.2f GB", *addr[:2], state.get("steps", 0), time.perf_counter() - t0,
                      time.thread_time() - c0, state.get("compute_us", 0) / 1e6,
                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
+
+    def expire(self, conn: socket.socket) -> None:
+        """A step-channel session expired: tell its client why (best effort, without blocking;
+        not over TLS, whose socket the session's thread is reading), then wake that thread,
+        which closes the connection."""
+        if self.tls is None:
+            notice = error_reply(0, grpc.StatusCode.CANCELLED,
+                                 f"the session expired after {self.limits.session_timeout:g} s idle and its "
+                                 "KV caches were freed: start again (or raise the worker's --session-timeout)")
+            try:
+                conn.send(frame(notice), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        shutdown(conn)
 
     def handshake(self, conn: socket.socket) -> socket.socket:
         """The connection, wrapped in TLS when the worker has a certificate (the handshake must

@@ -102,7 +102,7 @@ class Sessions:
                 s.lock.release()
             with self.lock:
                 self.open_.discard(s)
-            log.info("%s session from %s expired after %.0f s idle: %s", s.kind, s.peer, s.timeout,
+            log.info("%s session from %s expired after %g s idle: %s", s.kind, s.peer, s.timeout,
                      "upload cancelled" if s.kind == "upload" else "KV caches freed")
             s.on_expire()
             n += 1
