@@ -210,10 +210,10 @@ def test_token_sources(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def limited():
     """A worker with a token and small limits: 2 sessions idle at most 3 s, ctx 256, messages
-    of 1 MB, 100 MB for shards and KV caches (stories260K takes 0.3 MB; the client keeps 64 MB
+    of 2 MB, 100 MB for shards and KV caches (stories260K takes 0.3 MB; the client keeps 64 MB
     of a node's memory for its runtime)."""
     w = Workers(1, extra=["--token", TOKEN, "--max-sessions", "2", "--session-timeout", "3",
-                          "--max-ctx", "256", "--max-message-mb", "1", "--max-memory", "0.1",
+                          "--max-ctx", "256", "--max-message-mb", "2", "--max-memory", "0.1",
                           "--no-cache"])
     w.stub = rpc.WorkerStub(grpc.insecure_channel(w.addrs[0]))
     yield w
@@ -331,12 +331,12 @@ def test_max_sessions_and_message_size(limited):
         list(limited.stub.Session(iter([pb.StepRequest(op=pb.PING)]), timeout=10, metadata=RIGHT))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-sessions" in e.value.details()
     s0, f0 = open_[0]
-    s0.sendall((2 << 20).to_bytes(4, "little") + b"\0" * 100)      # a 2 MB frame > 1 MB
+    s0.sendall((3 << 20).to_bytes(4, "little") + b"\0" * 100)      # a 3 MB frame > 2 MB
     rep = f0.read(pb.StepReply)[0]
     assert rep.error_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "exceeds" in rep.error
     assert _closed(s0)
-    with pytest.raises(grpc.RpcError) as e:                          # gRPC: the same 1 MB
-        limited.stub.Ping(pb.PingRequest(payload=bytes(2 << 20)), timeout=10, metadata=RIGHT)
+    with pytest.raises(grpc.RpcError) as e:                          # gRPC: the same 2 MB
+        limited.stub.Ping(pb.PingRequest(payload=bytes(3 << 20)), timeout=10, metadata=RIGHT)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert _hello(limited, 1).sessions == 1
     s, frames = _step_channel(limited.addrs[0], limited.stub)     # a slot is free again

@@ -40,8 +40,9 @@ from client.errors import UserError  # noqa: E402
 @click.option("--insecure", is_flag=True,
               help="Listen on a non-loopback --host with neither a token nor client certificates: "
                    "anyone who reaches the port can use this worker.")
-@click.option("--max-message-mb", type=click.IntRange(1, 2047), default=64, show_default=True,
-              help="Largest gRPC message or step-channel frame accepted or sent, in MB.")
+@click.option("--max-message-mb", type=click.IntRange(2, 2047), default=64, show_default=True,
+              help="Largest gRPC message or step-channel frame accepted or sent, in MB (at least 2: "
+                   "clients upload in 1 MB chunks).")
 @click.option("--max-sessions", type=click.IntRange(min=1), default=16, show_default=True,
               help="Sessions (clients' step channels and Session streams) served at once.")
 @click.option("--max-ctx", type=click.IntRange(min=1), default=32768, show_default=True,
