@@ -91,11 +91,12 @@ class LlamaConfig:
                 raise UserError(f"{path}: rope_scaling type {kind!r} is not supported (llama3 is)")
             if kind == "default":
                 scaling = None
-            else:
-                lo, hi = (number(scaling.get(k, v), f"rope_scaling.{k}")
-                          for k, v in (("low_freq_factor", 1.0), ("high_freq_factor", 4.0)))
-                if min(number(scaling.get("factor"), "rope_scaling.factor"), lo, number(scaling.get(
-                        "original_max_position_embeddings"), "rope_scaling.original_max_position_embeddings")) <= 0 or hi <= lo:
+            else:  # rope_inv_freq divides by these
+                v = {k: number(scaling.get(k, default), f"rope_scaling.{k}") for k, default in (
+                    ("factor", None), ("original_max_position_embeddings", None),
+                    ("low_freq_factor", 1.0), ("high_freq_factor", 4.0))}
+                if min(v["factor"], v["original_max_position_embeddings"], v["low_freq_factor"]) <= 0 \
+                        or v["high_freq_factor"] <= v["low_freq_factor"]:
                     raise UserError(f"{path}: rope_scaling={scaling!r}: factor, low_freq_factor and "
                                     "original_max_position_embeddings must be positive, "
                                     "high_freq_factor above low_freq_factor")

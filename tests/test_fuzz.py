@@ -28,7 +28,7 @@ from client.model import Model
 from client.slices import Shard, shard_nbytes, shard_tensors
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
-from proto.wire import FrameReader, WireError, encode, pack_tensor, send_frame
+from proto.wire import FrameReader, encode, pack_tensor
 
 pytestmark = pytest.mark.slow
 
