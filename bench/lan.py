@@ -385,8 +385,10 @@ class Cluster:
             self.env = {**os.environ, "TENSORLAN_CACHE": str(self.logs / "cache")}
             for h, p in zip(self.workers, self.ports):
                 with open(self.logs / f"{h}.log", "w") as log:
+                    # --insecure: the emulated LAN is private to this run
                     self.procs.append(self.lan.run(h, [WORKER, p, "--host", self.lan.ip(h), "--data-port",
-                                                       p + 1, "--threads", self.threads, *self.worker_args],
+                                                       p + 1, "--threads", self.threads, "--insecure",
+                                                       *self.worker_args],
                                                    stdout=log, stderr=subprocess.STDOUT, env=self.env))
             self.relay = Relay(self.delay_ms, [(f"127.0.0.1:{p + k}", f"{self.lan.ip(h)}:{p + k}")
                                                for h, p in zip(self.workers, self.ports) for k in (0, 1)])

@@ -7,13 +7,15 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
 
 import click
 
-from client.errors import UserError
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: errors are our one line
+from client.errors import UserError  # noqa: E402
 
 
 def _fail(msg: str) -> None:
@@ -69,6 +71,18 @@ def _model_options(f):
                      "= warn once, split the model over the nodes left, rebuild the lost KV caches "
                      "by replaying the tokens so far, and go on (same output); fail = stop with "
                      "an error.")(f)
+    f = click.option("--token", default=None, help="The cluster's shared secret, sent to the "
+                     "workers (and, for `serve`, required from HTTP clients as `Authorization: "
+                     "Bearer TOKEN`); default: $TENSORLAN_TOKEN. It shows in `ps`: prefer "
+                     "--token-file or the variable.")(f)
+    f = click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="A file holding the token.")(f)
+    f = click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Talk TLS to the workers, trusting the certificates this CA (PEM) signed.")(f)
+    f = click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="This client's certificate (PEM), for workers that require one (--tls-client-ca).")(f)
+    f = click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="The client certificate's private key (PEM).")(f)
     f = click.option("--perf-csv", type=click.Path(path_type=Path), default=None,
                      help="Write one row per call to a worker (token, layer, block, worker, rows, "
                      "bytes, compute and round-trip us) to this CSV file.")(f)
@@ -84,9 +98,11 @@ def _workers(workers: str, cluster_file) -> list:
 
 
 def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_local, no_cache, wire,
-          on_worker_loss, quiet=False, slots=1, **_):
+          on_worker_loss, token=None, token_file=None, tls_ca=None, tls_cert=None, tls_key=None,
+          quiet=False, slots=1, **_):
     from client.model import Model
     from client.progress import Progress
+    from proto.security import ClientTLS, resolve_token
     from quant.q8_0 import max_threads, set_threads
 
     if threads:
@@ -94,6 +110,10 @@ def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_
             raise UserError(f"--threads {threads}: at most {max_threads()} here; set "
                             f"NUMBA_NUM_THREADS={threads} in the environment to allow more")
         set_threads(threads)
+    if (tls_cert or tls_key) and not tls_ca:
+        raise UserError("--tls-cert and --tls-key need --tls-ca (the CA of the workers' certificates)")
+    token = resolve_token(token, token_file)
+    tls = ClientTLS(tls_ca, tls_cert, tls_key) if tls_ca else None
     bar = None
 
     def progress(done, total):
@@ -104,7 +124,7 @@ def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_
     model = Model.load(model_dir, fmt=weights, kv_dtype=kv_dtype, ctx=ctx,
                        progress=None if quiet else progress, workers=_workers(workers, cluster_file),
                        local=not no_local, cache=not no_cache, wire=wire, on_loss=on_worker_loss,
-                       slots=slots)
+                       slots=slots, token=token, tls=tls)
     if bar:
         bar.close()
     return model
@@ -121,14 +141,8 @@ def _check_prompt(model_dir: Path, prompt: str, ctx: int | None) -> None:
                         + (" (or raise --ctx up to the model's maximum)" if ctx else ""))
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-
-
 def _print_memory(model) -> None:
+    from client.host import human_bytes as _human
     rows = model.memory_table()
     out = [f"{'layer type':<22} {'quant':<6} {'memory':>11} {'params':>14} {'bytes/param':>11}"]
     for kind, q, b, p in rows:
@@ -242,14 +256,10 @@ def perplexity(model_dir, text_file, as_json, **opts):
               "At most 31: a request's output is then the same alone or batched.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests that may wait for a free slot; beyond them the server answers 429.")
-@click.option("--token", default=None, help="Clients must send `Authorization: Bearer TOKEN` "
-              "(default: --token-file, else $TENSORLAN_TOKEN, else no token).")
-@click.option("--token-file", type=click.Path(path_type=Path), default=None,
-              help="Read the token from the first line of this file.")
 @click.option("--insecure", is_flag=True,
               help="Allow listening on a non-loopback address without a token.")
 @_model_options
-def serve(model_dir, host, port, slots, max_queue, token, token_file, insecure, **opts):
+def serve(model_dir, host, port, slots, max_queue, insecure, **opts):
     """Serve MODEL_DIR over an OpenAI-compatible HTTP API at http://HOST:PORT/v1.
 
     GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming with
@@ -258,9 +268,10 @@ def serve(model_dir, host, port, slots, max_queue, token, token_file, insecure, 
     all of them (continuous batching); --max-queue more wait for a slot, and beyond that
     requests get 429. Any model name is accepted. Stop with Ctrl-C or SIGTERM."""
     try:
-        from client.auth import is_loopback, resolve_token
+        from proto.security import is_loopback, resolve_token
 
-        token = resolve_token(token, token_file)
+        # one token for the whole cluster: HTTP clients send it, and it reaches the workers
+        token = resolve_token(opts["token"], opts["token_file"])
         if not token and not insecure and not is_loopback(host):
             raise UserError(f"--host {host} is reachable from other machines and no token is set: "
                             "give --token, --token-file or $TENSORLAN_TOKEN (or --insecure)")

@@ -9,6 +9,9 @@
 Every call is timed: `calls` keeps one record per step for matmul_perf.csv and the profile.
 Every call has a deadline: a worker that dies, hangs or drops its connection raises NodeLost
 within it, and the model re-plans without that worker (client/model.py, Model.recover).
+RemoteNode(addr, token=T, tls=ClientTLS(...)) authenticates to a worker that requires a token
+(metadata on every gRPC call; the first frame of the step channel) and speaks TLS on both
+channels.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import json
 import os
 import socket
 import struct
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ from client.errors import UserError
 from client.progress import Progress
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
+from proto.security import ClientTLS, bearer
 from proto.wire import (PROTOCOL_VERSION, FrameReader, WireError, decode, encode, pack_tensor,
                         request_wire, send_frame)
 
@@ -43,9 +48,10 @@ UPLOAD_RATE = 2e6        # an upload's deadline: 30 s + its bytes at this rate (
 class NodeLost(Exception):
     """A worker stopped answering: its connection broke or a call missed its deadline."""
 
-    def __init__(self, node: "RemoteNode", why: str):
-        super().__init__(f"worker {node.addr} lost ({why})")
+    def __init__(self, node: "RemoteNode", why: str, alive: bool = False):
+        super().__init__(f"worker {node.addr} {'ended our session' if alive else 'lost'} ({why})")
         self.node, self.why = node, why
+        self.alive = alive  # only its session ended (it expired idle): the worker still serves
 
 
 def parse_workers(spec: str) -> list[tuple[str, float | None]]:
@@ -128,13 +134,19 @@ class Call:
 
 
 class RemoteNode:
-    def __init__(self, addr: str, weight: float | None = None):
+    def __init__(self, addr: str, weight: float | None = None, token: str | None = None,
+                 tls: ClientTLS | None = None):
+        """`token`: the worker's shared secret (sent with every call); `tls`: the CA (and client
+        certificate) for a worker that uses TLS."""
         self.addr, self.weight = addr, weight
         self.host = addr.rpartition(":")[0].strip("[]")
-        self.channel = grpc.insecure_channel(addr, options=[
-            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        self.secret, self.tls, self.metadata = token, tls, bearer(token)
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = (grpc.secure_channel(addr, tls.grpc_credentials(), options) if tls
+                        else grpc.insecure_channel(addr, options=options))
         self.stub = rpc.WorkerStub(self.channel)
         self.sock = self.frames = None
+        self._greet = False      # the next frame opens a step-channel connection: it carries the token
         self.seq = 0
         self.token = 0           # set by the model: which forward pass the calls belong to
         self.calls: list[Call] = []
@@ -148,15 +160,39 @@ class RemoteNode:
     def hello(self, timeout: float = HELLO_TIMEOUT) -> pb.HelloReply:
         try:
             h = self.stub.Hello(pb.HelloRequest(protocol_version=PROTOCOL_VERSION, client="tensorlan"),
-                                timeout=timeout)
+                                timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
-            raise UserError(f"worker {self.addr} is unreachable ({e.code().name}): start it with "
-                            f"`bin/worker PORT` there, or fix --workers")
+            raise self._hello_failed(e) from None
         if h.protocol_version != PROTOCOL_VERSION:
             raise UserError(f"worker {self.addr} speaks protocol {h.protocol_version}, this client "
                             f"{PROTOCOL_VERSION}: run the same tensorlan version on both")
         self.info = h
         return h
+
+    def _hello_failed(self, e: grpc.RpcError) -> UserError:
+        """One line for a handshake that failed: the token, TLS on one side only, or no worker."""
+        code, details = e.code(), " ".join((e.details() or "").split())
+        details = details.removeprefix("failed to connect to all addresses; last error: ")[:300]
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return UserError(f"worker {self.addr} refused this client: {details}")
+        if code == grpc.StatusCode.UNAVAILABLE and self._accepts_tcp():  # something listens there
+            if self.tls:
+                return UserError(f"worker {self.addr}: TLS handshake failed ({details}): both sides need "
+                                 f"TLS, or neither; --tls-ca must have signed the worker's certificate, "
+                                 f"which must name {self.host}; a worker with --tls-client-ca also needs "
+                                 "this client's --tls-cert and --tls-key")
+            return UserError(f"worker {self.addr} accepts connections but does not answer plaintext gRPC "
+                             f"({details}): if it uses TLS, give --tls-ca (both sides need TLS, or neither)")
+        return UserError(f"worker {self.addr} is unreachable ({code.name}): start it with "
+                         f"`bin/worker PORT` there, or fix --workers")
+
+    def _accepts_tcp(self) -> bool:
+        port = int(self.addr.rpartition(":")[2])
+        try:
+            socket.create_connection((self.host, port), timeout=HELLO_TIMEOUT).close()
+            return True
+        except OSError:
+            return False
 
     def upload(self, shard, loaders, config_json: str, total: int, manifest=None) -> list:
         """Send this worker its shard: `loaders` [(name, load)] in order (see slices.shard_tensors),
@@ -167,7 +203,7 @@ class RemoteNode:
         if manifest and len(manifest) == len(loaders):
             try:
                 have = list(self.stub.Have(pb.HaveRequest(sha256=[t.sha256 for t in manifest]),
-                                           timeout=HELLO_TIMEOUT).have)
+                                           timeout=HELLO_TIMEOUT, metadata=self.metadata).have)
             except grpc.RpcError:
                 pass
         header = pb.UploadHeader(config_json=config_json, head_begin=shard.heads[0],
@@ -200,7 +236,7 @@ class RemoteNode:
                         bar.update(done)
 
         try:
-            reply = self.stub.Upload(chunks(), timeout=30 + total / UPLOAD_RATE)
+            reply = self.stub.Upload(chunks(), timeout=30 + total / UPLOAD_RATE, metadata=self.metadata)
         except grpc.RpcError as e:
             bar.close()
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and any(have):  # evicted meanwhile
@@ -218,14 +254,23 @@ class RemoteNode:
         if self.sock:
             return
         try:
-            self.sock = socket.create_connection((self.host, self.info.data_port), timeout=HELLO_TIMEOUT)
+            sock = socket.create_connection((self.host, self.info.data_port), timeout=HELLO_TIMEOUT)
         except OSError as e:
             raise UserError(f"worker {self.addr}: step channel port {self.info.data_port} "
                             f"unreachable ({e.strerror or e}); open it in the firewall")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls:
+            try:
+                sock = self.tls.wrap(sock, self.host)
+            except (ssl.SSLError, OSError) as e:
+                sock.close()
+                raise UserError(f"worker {self.addr}: TLS handshake on the step channel (port "
+                                f"{self.info.data_port}) failed ({e}): both sides need TLS, or neither")
+        self.sock = sock
         self.sock.settimeout(None)  # blocking, with deadlines from SO_RCVTIMEO (see deadline)
         self._timeout = None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.frames = FrameReader(self.sock)
+        self.frames = FrameReader(self.sock, spin=0.0) if self.tls else FrameReader(self.sock)
+        self._greet = True
 
     def step_cost(self, nbytes: int, n: int = 30) -> float:
         """Seconds that each layer step costs this node beyond its compute, from PINGs on the
@@ -280,9 +325,11 @@ class RemoteNode:
         self.seq += 1
         req.seq = self.seq
         self._set_timeout(self.deadline(max(1, req.tokens)))
+        if self._greet:  # the worker checks the token on a connection's first frame
+            req.token, self._greet = self.secret or "", False
         try:
             return send_frame(self.sock, req)
-        except OSError as e:
+        except OSError as e:  # it died, or closed the channel (its session expired, it stopped)
             raise NodeLost(self, f"send: {e.strerror or type(e).__name__}")
 
     def _reply(self):
@@ -294,6 +341,8 @@ class RemoteNode:
             raise NodeLost(self, f"step channel broke: {e}")
         if rep is None:
             raise NodeLost(self, "it closed the step channel")
+        if rep.error_code == grpc.StatusCode.CANCELLED.value[0]:  # idle past its --session-timeout
+            raise NodeLost(self, rep.error, alive=True)
         if rep.error_code:
             raise UserError(f"worker {self.addr}: {_STATUS.get(rep.error_code, rep.error_code)}: {rep.error}")
         return rep, n
@@ -333,7 +382,7 @@ class RemoteNode:
         ts = []
         for _ in range(n):
             t = time.perf_counter()
-            self.stub.Ping(pb.PingRequest(payload=payload), timeout=HELLO_TIMEOUT)
+            self.stub.Ping(pb.PingRequest(payload=payload), timeout=HELLO_TIMEOUT, metadata=self.metadata)
             ts.append(time.perf_counter() - t)
         return float(np.median(ts) * 1e6)
 

@@ -66,6 +66,14 @@ class LlamaConfig:
                 raise UserError(f"{path}: {key}={v!r}, expected a positive {kind.__name__}")
             return v
 
+        def number(v, key, kind=float, positive=False):
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf")
+                    or (kind is int and not isinstance(v, int)) or (positive and v <= 0)):
+                what = "integer" if kind is int else "number"
+                raise UserError(f"{path}: {key}={v!r}, expected "
+                                + (f"a positive {what}" if positive else "an integer" if kind is int else "a number"))
+            return kind(v)
+
         D, Hq = need("hidden_size"), need("num_attention_heads")
         Hkv = c.get("num_key_value_heads") or Hq
         hd = c.get("head_dim") or (D // Hq if D % Hq == 0 else None)
@@ -76,21 +84,34 @@ class LlamaConfig:
                             "positive even integer")
         scaling = c.get("rope_scaling")
         if scaling is not None:
+            if not isinstance(scaling, dict):
+                raise UserError(f"{path}: rope_scaling={scaling!r}, expected an object or null")
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind not in ("llama3", "default"):
                 raise UserError(f"{path}: rope_scaling type {kind!r} is not supported (llama3 is)")
             if kind == "default":
                 scaling = None
+            else:  # rope_inv_freq divides by these
+                v = {k: number(scaling.get(k, default), f"rope_scaling.{k}") for k, default in (
+                    ("factor", None), ("original_max_position_embeddings", None),
+                    ("low_freq_factor", 1.0), ("high_freq_factor", 4.0))}
+                if min(v["factor"], v["original_max_position_embeddings"], v["low_freq_factor"]) <= 0 \
+                        or v["high_freq_factor"] <= v["low_freq_factor"]:
+                    raise UserError(f"{path}: rope_scaling={scaling!r}: factor, low_freq_factor and "
+                                    "original_max_position_embeddings must be positive, "
+                                    "high_freq_factor above low_freq_factor")
         eos = c.get("eos_token_id", 2)
-        eos = tuple(eos) if isinstance(eos, list) else (int(eos),)
+        eos = tuple(eos) if isinstance(eos, list) else (eos,)
+        for e in eos:
+            number(e, "eos_token_id", int)
         return LlamaConfig(
             dim=D, ffn_dim=need("intermediate_size"), n_layers=need("num_hidden_layers"),
             n_heads=Hq, n_kv_heads=Hkv, head_dim=hd, vocab_size=need("vocab_size"),
             max_seq_len=need("max_position_embeddings"),
-            rope_theta=float(c.get("rope_theta", 10000.0)), rope_scaling=scaling,
-            norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+            rope_theta=number(c.get("rope_theta", 10000.0), "rope_theta", positive=True), rope_scaling=scaling,
+            norm_eps=number(c.get("rms_norm_eps", 1e-5), "rms_norm_eps"),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            bos_id=int(c.get("bos_token_id", 1)), eos_ids=eos)
+            bos_id=number(c.get("bos_token_id", 1), "bos_token_id", int), eos_ids=eos)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -109,7 +130,9 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     return np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)  # between: blended
 
 
-def rope_tables(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [max_seq_len, d/2] float32 of pos * inv_freq (computed in float64)."""
-    ang = np.arange(cfg.max_seq_len, dtype=np.float64)[:, None] * rope_inv_freq(cfg)[None, :]
+def rope_tables(cfg: LlamaConfig, positions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [positions (default max_seq_len), d/2] float32 of pos * inv_freq (computed in
+    float64; row p is the same whatever the number of rows)."""
+    n = cfg.max_seq_len if positions is None else positions
+    ang = np.arange(n, dtype=np.float64)[:, None] * rope_inv_freq(cfg)[None, :]
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)

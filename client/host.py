@@ -110,3 +110,11 @@ def available_memory() -> tuple[int, str]:
     if room and room[0] < avail:
         return room[0], f"memory cgroup limit, {room[1]}"
     return avail, "MemAvailable in /proc/meminfo"
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB': sizes in messages and tables."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024

@@ -187,13 +187,15 @@ class Model:
 
     @staticmethod
     def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=None, progress=None,
-             workers=(), local=True, cache=True, wire="f32", slots=1, on_loss="replan"):
+             workers=(), local=True, cache=True, wire="f32", slots=1, on_loss="replan", token=None,
+             tls=None):
         """Load a model; with `workers` [(host:port, weight or None)], spread it over them (and
         this process unless local=False): in proportion to explicit weights, else with equal
         time per token on every node (plan_weights; workers not worth their round trips are left
         out, in `idle`). Every node's share is checked against its memory before anything is
         loaded; workers get theirs streamed (and, with `cache`, only what they do not hold).
-        `slots` sequences can decode together (forward_batch), each with its own KV caches."""
+        `slots` sequences can decode together (forward_batch), each with its own KV caches.
+        `token` and `tls` (proto.security.ClientTLS): how to reach workers that require them."""
         t0 = time.perf_counter()
         model_dir = Path(model_dir)
         cfg = LlamaConfig.load(model_dir)
@@ -205,7 +207,7 @@ class Model:
         ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
         if not local and not workers:
             raise UserError("no nodes: --no-local needs --workers")
-        remote = [RemoteNode(addr, w) for addr, w in workers]
+        remote = [RemoteNode(addr, w, token, tls) for addr, w in workers]
         for r in remote:
             r.hello()
         D = cfg.dim
@@ -219,7 +221,7 @@ class Model:
                   slots, on_loss=on_loss)
         m.src = dict(model_dir=model_dir, ckpt=ckpt, config_json=(model_dir / "config.json").read_text(),
                      tied=output_name(cfg, ckpt) == emb_name, local=local, cache=cache, wire=wire,
-                     weights=weights, progress=progress)
+                     weights=weights, progress=progress, token=token, tls=tls)
         m.place(remote)
         m.load_seconds = time.perf_counter() - t0
         return m
@@ -343,13 +345,16 @@ class Model:
         (this process included), give them their new shards (from the mapped checkpoint; a
         worker gets only what it does not hold), and rebuild every sequence's KV caches by
         replaying its tokens so far as one batch. Then the interrupted pass can run again."""
-        self.fail_on(e)
         t0 = time.perf_counter()
         lost, replay = e, [(slot, ids, 0) for slot, ids in sorted(self.history.items()) if ids]
         while True:
-            lost.node.close()
-            self.lost.append(lost.node.addr)
-            self.place([n for n in self.remote if n is not lost.node])
+            if lost.alive:  # only the session ended (idle too long): open new ones, same plan
+                self.place(self.remote)
+            else:
+                self.fail_on(lost)
+                lost.node.close()
+                self.lost.append(lost.node.addr)
+                self.place([n for n in self.remote if n is not lost.node])
             try:
                 if replay:
                     self._pass(replay, False)
@@ -369,7 +374,7 @@ class Model:
         KV caches are rebuilt by replaying). Returns the addresses that rejoined."""
         back = []
         for addr in list(self.lost):
-            node = RemoteNode(addr)
+            node = RemoteNode(addr, None, self.src["token"], self.src["tls"])
             try:
                 node.hello(timeout)
             except UserError:

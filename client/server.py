@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from client.auth import token_ok
+from proto.security import token_ok
 from client.batch import QueueFull, Request
 from client.chat import ChatError
 

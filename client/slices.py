@@ -171,23 +171,35 @@ def _load_wo(ckpt, cfg, l, heads, fmt):
     return load_matrix(ckpt, o, (D, cfg.n_heads * d), cols=(h0 * d, h1 * d), fmt=fmt)
 
 
+def shard_shapes(cfg: LlamaConfig, shard: Shard, fmt="q8_0") -> dict[str, tuple[int, int]]:
+    """The [rows, cols] of each tensor of a shard (the names of shard_tensors), from the config
+    alone: Wo's columns are head_dim per head in f32 and whole Q8_0 blocks per head in q8_0
+    (see _load_wo)."""
+    D, d = cfg.dim, cfg.head_dim
+    nq = shard.heads[1] - shard.heads[0]
+    nkv = (lambda k: k[1] - k[0])(kv_range(cfg, shard.heads)) if nq else 0
+    nu = shard.units[1] - shard.units[0]
+    d_wo = q8.padded(d) if fmt == "q8_0" else d
+    out = {}
+    for l in range(cfg.n_layers):
+        if nq:
+            out[f"layers.{l}.wqkv"], out[f"layers.{l}.wo"] = ((nq + 2 * nkv) * d, D), (D, nq * d_wo)
+        if nu:
+            out[f"layers.{l}.wgu"], out[f"layers.{l}.wdown"] = (2 * nu, D), (D, nu)
+    out["classifier"] = (shard.rows[1] - shard.rows[0], D)
+    return out
+
+
 def shard_nbytes(cfg: LlamaConfig, shard: Shard, fmt="q8_0", ctx: int = 0, kv_dtype="bf16",
                  slots: int = 1) -> int:
     """Bytes a node holding `shard` needs for its weights (and, given ctx, its KV caches: one per
     sequence slot),
     from the shapes alone: for planning and memory checks before anything is loaded."""
-    D, F, d = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    weights = sum(q8.nbytes(r, c, fmt) for r, c in shard_shapes(cfg, shard, fmt).values())
     nq = shard.heads[1] - shard.heads[0]
     nkv = (lambda k: k[1] - k[0])(kv_range(cfg, shard.heads)) if nq else 0
-    nu = shard.units[1] - shard.units[0]
-    d_wo = q8.padded(d) if fmt == "q8_0" else d  # Wo's head columns, padded per head (see _load_wo)
-    layer = 0
-    if nq:
-        layer += q8.nbytes((nq + 2 * nkv) * d, D, fmt) + q8.nbytes(D, nq * d_wo, fmt)
-        layer += 2 * slots * nkv * ctx * d * np.dtype(KV_DTYPES[kv_dtype]).itemsize
-    if nu:
-        layer += q8.nbytes(2 * nu, D, fmt) + q8.nbytes(D, nu, fmt)
-    return cfg.n_layers * layer + q8.nbytes(shard.rows[1] - shard.rows[0], D, fmt)
+    kv = 2 * slots * nkv * ctx * cfg.head_dim * np.dtype(KV_DTYPES[kv_dtype]).itemsize
+    return weights + cfg.n_layers * kv
 
 
 def shard_tensors(ckpt: Checkpoint, cfg: LlamaConfig, shard: Shard, fmt="q8_0", classifier=None):
@@ -252,7 +264,7 @@ class SliceSet:
     def from_tensors(cfg: LlamaConfig, shard: Shard, tensors: dict, ctx: int, kv_dtype="bf16",
                      slots: int = 1):
         """Rebuild a SliceSet from `tensors()` of the same shard (a worker after an upload)."""
-        s = SliceSet(shard, rope=rope_tables(cfg))
+        s = SliceSet(shard, rope=rope_tables(cfg, ctx))  # positions < ctx: the caches' length
         for l in range(cfg.n_layers):
             s.attn.append(AttentionSlice.make(cfg, shard.heads, tensors[f"layers.{l}.wqkv"],
                                               tensors[f"layers.{l}.wo"], ctx, kv_dtype, slots)

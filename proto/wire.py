@@ -13,8 +13,9 @@ import numpy as np
 from proto import tensorlan_pb2 as pb
 from quant.q8_0 import Q8Tensor, dequantize, from_bf16, nbytes, padded, quantize, to_bf16
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3             # 3: a worker may require a token (HelloReply.sessions, StepRequest.token)
 MAX_FRAME = 256 << 20
+GROW = 1 << 20                   # frames up to this size are read into one buffer of their size
 _LEN = struct.Struct("<I")
 
 
@@ -22,10 +23,24 @@ class WireError(Exception):
     pass
 
 
-def send_frame(sock: socket.socket, msg) -> int:
+class FrameTooLarge(WireError):
+    """A frame header announcing more than the reader's limit: nothing of it was read."""
+
+    def __init__(self, n: int, limit: int):
+        super().__init__(f"frame of {n} bytes exceeds the limit of {limit}")
+        self.n, self.limit = n, limit
+
+
+def frame(msg) -> bytes:
+    """A message as the step channel carries it: its length (u32 little-endian), then it."""
     data = msg.SerializeToString()
-    sock.sendall(_LEN.pack(len(data)) + data)
-    return len(data) + 4
+    return _LEN.pack(len(data)) + data
+
+
+def send_frame(sock: socket.socket, msg) -> int:
+    data = frame(msg)
+    sock.sendall(data)
+    return len(data)
 
 
 class FrameReader:
@@ -34,46 +49,86 @@ class FrameReader:
     (the idle core's wake-up), polling ~29 us; a layer step waits about that long on every round
     trip. Past `spin` it blocks, so an idle node does not burn its CPU; while polling it yields
     the core to anything else runnable (several processes on one machine: 4 polling workers on
-    2 cores measured 2.2 tok/s). A worker under a CPU quota does not poll at all (server.py)."""
+    2 cores measured 2.2 tok/s). A worker under a CPU quota does not poll at all (server.py), nor
+    does a TLS socket (spin=0: an SSL socket takes no MSG_DONTWAIT).
 
-    def __init__(self, sock: socket.socket, spin: float = 0.005):
-        self.sock, self.spin = sock, spin
+    A frame's buffer grows as its bytes arrive (doubling from GROW): a header announcing a large
+    frame and then nothing costs nothing, however many connections send one."""
+
+    def __init__(self, sock: socket.socket, spin: float = 0.005, max_frame: int = MAX_FRAME):
+        self.sock, self.spin, self.max_frame = sock, spin, max_frame
+
+    def _recv(self, view: memoryview, t0: float) -> int:
+        """One recv into `view`, polling until `spin` seconds after t0, then blocking."""
+        while self.spin > 0:
+            try:
+                return self.sock.recv_into(view, len(view), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if time.perf_counter() - t0 >= self.spin:
+                    break
+                os.sched_yield()  # give the core away if anything else wants it
+        return self.sock.recv_into(view, len(view))
+
+    def _fill(self, buf: bytearray, t0: float) -> int:
+        """Read until `buf` is full or the peer closes; returns the bytes read."""
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            k = self._recv(view[got:], t0)
+            if k == 0:
+                break
+            got += k
+        return got
 
     def _read(self, n: int) -> bytes | None:
-        buf = bytearray(n)
-        view, got, t0 = memoryview(buf), 0, time.perf_counter()
-        while got < n:
-            try:
-                k = self.sock.recv_into(view[got:], n - got, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                if time.perf_counter() - t0 < self.spin:
-                    os.sched_yield()  # give the core away if anything else wants it
-                    continue
-                k = self.sock.recv_into(view[got:], n - got)
-            if k == 0:
-                if got == 0:
-                    return None
-                raise WireError("connection closed mid-frame")
-            got += k
-        return bytes(buf)
+        """n bytes; None if the peer closed before the first; WireError if it closed inside."""
+        t0 = time.perf_counter()
+        if n <= GROW:
+            buf = bytearray(n)
+            got = self._fill(buf, t0)
+        else:
+            buf, got = bytearray(), 0
+            while got < n:
+                part = bytearray(min(n - got, max(GROW, got)))
+                k = self._fill(part, t0)
+                buf += memoryview(part)[:k]
+                got += k
+                if k < len(part):
+                    break
+        if got == n:
+            return bytes(buf)
+        if got == 0:
+            return None
+        raise WireError("connection closed mid-frame")
 
-    def read(self, cls):
-        """One message, or (None, 0) at a clean end of stream."""
+    def read_raw(self) -> bytes | None:
+        """One frame's bytes, or None at a clean end of stream."""
         head = self._read(4)
         if head is None:
-            return None, 0
+            return None
         (n,) = _LEN.unpack(head)
-        if n > MAX_FRAME:
-            raise WireError(f"frame of {n} bytes exceeds the limit of {MAX_FRAME}")
+        if n > self.max_frame:
+            raise FrameTooLarge(n, self.max_frame)
         data = self._read(n) if n else b""
         if data is None:
             raise WireError("truncated frame")
-        msg = cls()
-        try:
-            msg.ParseFromString(data)
-        except Exception as e:  # protobuf's DecodeError
-            raise WireError(f"malformed message: {e}")
-        return msg, n + 4
+        return data
+
+    def read(self, cls):
+        """One message, or (None, 0) at a clean end of stream."""
+        data = self.read_raw()
+        if data is None:
+            return None, 0
+        return parse(cls, data), len(data) + 4
+
+
+def parse(cls, data: bytes):
+    """A protobuf message of class `cls` from bytes; WireError if they are not one."""
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except Exception as e:  # protobuf's DecodeError (and, from the C++ parser, others)
+        raise WireError(f"malformed {cls.__name__}: {e}")
+    return msg
 
 
 def pack_tensor(name: str, w) -> tuple[pb.TensorInfo, list[memoryview]]:

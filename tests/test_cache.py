@@ -91,26 +91,31 @@ def test_bad_uploads_get_a_status_and_the_worker_goes_on(tmp_path):
     try:
         stub = rpc.WorkerStub(grpc.insecure_channel(w.addrs[0]))
         header = pb.UploadHeader(config_json=(STORIES / "config.json").read_text(), head_end=8,
-                                 unit_end=172, row_end=512, total_bytes=1000)
+                                 unit_end=172, row_end=512, total_bytes=40000)
         cases = [
             ([pb.UploadChunk(header=header),   # a tensor not held, announced as cached
-              pb.UploadChunk(tensor=pb.TensorInfo(name="classifier", dtype="q8_0", shape=[4, 64],
-                                                  nbytes=272, sha256=bytes(32), cached=True))],
-             grpc.StatusCode.FAILED_PRECONDITION),
+              pb.UploadChunk(tensor=pb.TensorInfo(name="classifier", dtype="q8_0", shape=[512, 64],
+                                                  nbytes=512 * 68, sha256=bytes(32), cached=True))],
+             grpc.StatusCode.FAILED_PRECONDITION, "not cached"),
             ([pb.UploadChunk(header=header),   # more than the header announced
-              pb.UploadChunk(tensor=pb.TensorInfo(name="classifier", dtype="f32", shape=[512, 64]))],
-             grpc.StatusCode.INVALID_ARGUMENT),
+              pb.UploadChunk(tensor=pb.TensorInfo(name="classifier", dtype="f32", shape=[512, 64],
+                                                  nbytes=512 * 64 * 4, sha256=bytes(32)))],
+             grpc.StatusCode.INVALID_ARGUMENT, "beyond"),
             ([pb.UploadChunk(header=header),   # bytes that do not match their checksum
+              pb.UploadChunk(tensor=pb.TensorInfo(name="layers.0.wdown", dtype="q8_0", shape=[64, 172],
+                                                  nbytes=64 * 204, sha256=bytes(32))),
+              pb.UploadChunk(data=bytes(64 * 204))], grpc.StatusCode.INVALID_ARGUMENT, "checksum"),
+            ([pb.UploadChunk(header=header),   # a tensor the shard does not have
               pb.UploadChunk(tensor=pb.TensorInfo(name="x", dtype="f32", shape=[2, 4], nbytes=32,
-                                                  sha256=bytes(32))),
-              pb.UploadChunk(data=bytes(32))], grpc.StatusCode.INVALID_ARGUMENT),
+                                                  sha256=bytes(32)))], grpc.StatusCode.INVALID_ARGUMENT,
+             "not one of the shard's"),
             ([pb.UploadChunk(header=pb.UploadHeader(config_json="{}", total_bytes=1 << 62))],
-             grpc.StatusCode.RESOURCE_EXHAUSTED),
+             grpc.StatusCode.RESOURCE_EXHAUSTED, "the shard needs"),
         ]
-        for chunks, code in cases:
+        for chunks, code, why in cases:
             with pytest.raises(grpc.RpcError) as e:
                 stub.Upload(iter(chunks), timeout=30)
-            assert e.value.code() == code, e.value.details()
+            assert e.value.code() == code and why in e.value.details(), e.value.details()
         assert list(stub.Have(pb.HaveRequest(sha256=[bytes(32)]), timeout=10).have) == [False]
         m = Model.load(STORIES, workers=[(w.addrs[0], None)], local=False)   # still serving
         assert _greedy(m, 5) == _greedy(Model.load(STORIES), 5)

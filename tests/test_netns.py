@@ -16,7 +16,8 @@ def test_client_and_two_workers_on_separate_hosts():
                            "40", "--json"], capture_output=True, text=True, timeout=300)
     assert want.returncode == 0, want.stderr
     with Lan(["client", "w1", "w2"], rate="100mbit") as lan:
-        procs = [lan.run(h, [str(ROOT / "bin/worker"), "7000", "--host", lan.ip(h), "--threads", "1"],
+        procs = [lan.run(h, [str(ROOT / "bin/worker"), "7000", "--host", lan.ip(h), "--threads", "1",
+                             "--insecure"],  # the emulated LAN is this test's own
                          stderr=subprocess.PIPE, text=True) for h in ("w1", "w2")]
         try:
             # the workers are reachable from the client's host only through the bridge

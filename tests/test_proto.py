@@ -40,3 +40,44 @@ def test_wire_formats_round_trip_as_the_reference_rounds():
             decode(b[:-1], 3, 96, wire)
     with pytest.raises(WireError):
         decode(b"", 0, 96, "f32")
+
+
+def test_frame_reader_grows_its_buffer_as_bytes_arrive():
+    """A header announcing 60 MB and then a few bytes costs a few MB, not 60 (however many
+    connections send one); small and large frames still read whole; over the limit: refused
+    from the header alone."""
+    import socket
+    import threading
+    import tracemalloc
+
+    import pytest
+    from proto import tensorlan_pb2 as pb
+    from proto.wire import FrameReader, FrameTooLarge, WireError, send_frame
+
+    a, b = socket.socketpair()
+    try:
+        tracemalloc.start()
+        b.sendall((60 << 20).to_bytes(4, "little") + b"x" * 1000)
+        b.shutdown(socket.SHUT_WR)
+        with pytest.raises(WireError, match="closed mid-frame"):
+            FrameReader(a, spin=0, max_frame=64 << 20).read_raw()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 4 << 20, peak
+    finally:
+        a.close(), b.close()
+    a, b = socket.socketpair()
+    try:
+        big = pb.StepRequest(seq=5, x=bytes(range(256)) * (12 << 10))   # 3 MB: grown in steps
+        sender = threading.Thread(target=lambda: [send_frame(b, m) for m in (pb.StepRequest(seq=1), big)])
+        sender.start()
+        frames = FrameReader(a, spin=0.001, max_frame=4 << 20)
+        assert frames.read(pb.StepRequest)[0].seq == 1
+        got = frames.read(pb.StepRequest)[0]
+        assert got.seq == 5 and got.x == big.x
+        sender.join()
+        b.sendall((5 << 20).to_bytes(4, "little"))
+        with pytest.raises(FrameTooLarge):
+            frames.read(pb.StepRequest)
+    finally:
+        a.close(), b.close()
