@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import http.client
 import json
 import os
 import statistics
@@ -34,7 +35,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,9 +76,11 @@ class Server:
             if self.procs[-1].poll() is not None:
                 raise SystemExit(f"the server exited: see {self.log.name}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
                     return
-            except httpx.HTTPError:
+            except OSError:
                 pass
             time.sleep(0.5)
         raise SystemExit(f"the server did not start in 600 s: see {self.log.name}")
@@ -114,23 +116,25 @@ def stream_completion(url: str, prompt: str, max_tokens: int) -> dict:
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
-    usage, chunks, done = None, 0, False
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=3600) as r:
-        if r.status_code != 200:
-            r.read()
-            return {"error": f"HTTP {r.status_code}: {r.text[:200]}"}
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                done = True
-                break
-            ev = json.loads(data)
-            if ev.get("choices") and ev["choices"][0].get("text"):
-                chunks += 1
-                first = first or time.perf_counter()
-            usage = ev.get("usage") or usage
+    usage, done = None, False
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=3600)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        return {"error": f"HTTP {r.status}: {r.read()[:200]!r}"}
+    for raw in r:  # server-sent events, a line at a time
+        line = raw.decode().strip()
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            done = True
+            break
+        ev = json.loads(line[6:])
+        if ev.get("choices") and ev["choices"][0].get("text"):
+            first = first or time.perf_counter()
+        usage = ev.get("usage") or usage
+    conn.close()
     t1 = time.perf_counter()
     if not done or usage is None:
         return {"error": "stream ended without usage and [DONE]"}
