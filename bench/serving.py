@@ -4,6 +4,7 @@
         --prompt-size 550 --max-tokens 150            # MariTalk Local's benchmark
     python -m bench.serving MODEL_DIR jetstream --request-rate 2 --num-prompts 64
                                                       # JetStream's serving benchmark
+    python -m bench.serving plot bench/out/maritalk-*.csv serving.png   # runs in one plot
 
 Each run starts the server itself, in-process (`--threads`) or with `--workers K` loopback
 workers (the client and each worker get an equal share of the cores), waits for /health, and
@@ -39,17 +40,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # cluster_util: free ports, waiting for a worker
+from cluster_util import free_port, wait_ready  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
 # the server under test
 # ---------------------------------------------------------------------------------------------
-def free_port() -> int:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from cluster_util import free_port as fp
-    return fp()
-
-
 class Server:
     """`bin/client serve` (and its loopback workers), started and stopped with the benchmark."""
 
@@ -62,6 +59,8 @@ class Server:
             self.procs.append(subprocess.Popen([str(ROOT / "bin/worker"), str(port), "--threads",
                                                 str(per_node)], stderr=subprocess.DEVNULL))
             addrs.append(f"127.0.0.1:{port}")
+        for a in addrs:  # each measures its speed and compiles its kernels first
+            wait_ready(a, 300)
         self.port = free_port()
         cmd = [str(ROOT / "bin/client"), "serve", str(model_dir), "--port", str(self.port),
                "--slots", str(slots), "--ctx", str(ctx), "--threads", str(per_node),
@@ -242,7 +241,23 @@ def jetstream(url: str, model_dir: Path, n: int, rate: float, input_len: int, ou
             "median_tpot_ms": pct(tpot, 50), "p99_tpot_ms": pct(tpot, 99)}
 
 
+def plot_csvs(paths: list[Path], png: Path) -> None:
+    """`python -m bench.serving plot A.csv B.csv ... OUT.png`: several maritalk runs in one plot,
+    labelled by configuration and prompt size."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                r = {k: (v if k == "config" else float(v)) for k, v in r.items()}
+                r["config"] += ", prompt " + path.stem.rsplit("-p", 1)[-1]
+                rows.append(r)
+    plot_maritalk(rows, png, "MariTalk Local's benchmark: 150 tokens per request, ignore_eos")
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        return plot_csvs([Path(x) for x in argv[1:-1]], Path(argv[-1]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("mode", choices=["maritalk", "jetstream"])
