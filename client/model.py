@@ -33,6 +33,9 @@ from quant.q8_0 import QK, Q8Tensor, dequantize
 from quant.q8_0 import nbytes as q8_nbytes
 
 
+MAX_PASS_ROWS = 512  # rows per forward pass: a step of 512 x 8192 float64 partials is 32 MB
+
+
 def warn(msg: str) -> None:
     """One line on stderr: something went wrong and the run carries on."""
     print(f"warning: {msg}", file=sys.stderr, flush=True)
@@ -310,13 +313,31 @@ class Model:
                 raise UserError(f"slot {slot}: position {p0} follows no tokens before it")
         while True:
             try:
-                out = self._pass(segs, all_logits)
+                out = self._passes(segs, all_logits)
                 break
             except NodeLost as e:
                 self.recover(e)
         for slot, ids, p0 in segs:
             self.history[slot] = self.history.get(slot, [])[:p0] + list(ids)
         return out
+
+    def _passes(self, segs: list, all_logits: bool) -> list[np.ndarray]:
+        """The segments in passes of at most MAX_PASS_ROWS rows: a long prompt (or a replay of
+        many sequences) goes in pieces, each continuing where the one before ended, so that no
+        step outgrows a worker's message limit (--max-message-mb)."""
+        if sum(len(ids) for _, ids, _ in segs) <= MAX_PASS_ROWS:
+            return self._pass(segs, all_logits)
+        pieces = [(k, slot, ids[i:i + MAX_PASS_ROWS], p0 + i) for k, (slot, ids, p0) in enumerate(segs)
+                  for i in range(0, len(ids), MAX_PASS_ROWS)]
+        out = [[] for _ in segs]
+        while pieces:
+            n, batch = 0, []
+            while pieces and (not batch or n + len(pieces[0][2]) <= MAX_PASS_ROWS):
+                batch.append(pieces.pop(0))
+                n += len(batch[-1][2])
+            for (k, *_), logits in zip(batch, self._pass([b[1:] for b in batch], all_logits)):
+                out[k].append(logits)
+        return [np.concatenate(o) if all_logits else o[-1] for o in out]
 
     def _pass(self, segs: list, all_logits: bool) -> list[np.ndarray]:
         """One forward pass over the segments' rows, stacked: the maths of the module docstring."""
@@ -357,7 +378,7 @@ class Model:
                 self.place([n for n in self.remote if n is not lost.node])
             try:
                 if replay:
-                    self._pass(replay, False)
+                    self._passes(replay, False)
                 break
             except NodeLost as again:
                 lost = again

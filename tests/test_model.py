@@ -277,3 +277,24 @@ def test_batched_sequences_equal_alone():
         m.forward_batch([(3, [1], 0)])
     with pytest.raises(UserError, match="follows no tokens"):
         m.forward_batch([(0, [1], 40)])
+
+
+def test_long_passes_go_in_pieces(monkeypatch):
+    """A pass of more rows than MAX_PASS_ROWS (a long prompt, a replay of many sequences) runs in
+    pieces, each continuing the KV caches where the last ended: the same logits as one pass
+    (to the rounding of the batch kernels) and the same next tokens."""
+    import client.model as cm
+    m = Model.load(STORIES, slots=2, ctx=96)
+    ids = m.tokenizer.encode("Once upon a time, there was a little girl named Lily. She loved to play")
+    prompts = [(0, ids, 0), (1, ids[:9], 0)]
+    whole = m.forward_batch(prompts, all_logits=True)
+    monkeypatch.setattr(cm, "MAX_PASS_ROWS", 7)
+    pieces = m.forward_batch(prompts, all_logits=True)
+    for a, b in zip(whole, pieces):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-3 * np.abs(a).max()
+        assert (a.argmax(1) == b.argmax(1)).all()
+    nxt = m.forward_batch([(0, [5], len(ids)), (1, [5], 9)])   # the caches hold every piece
+    monkeypatch.setattr(cm, "MAX_PASS_ROWS", 512)
+    m.forward_batch(prompts)
+    again = m.forward_batch([(0, [5], len(ids)), (1, [5], 9)])
+    assert all(np.abs(a - b).max() < 1e-3 * np.abs(a).max() for a, b in zip(nxt, again))
