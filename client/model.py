@@ -12,6 +12,7 @@ step to every remote node, then computes its own share while they work, then col
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,13 +70,20 @@ def plan_shards(cfg: LlamaConfig, weights: list[float]) -> list[Shard]:
     return [Shard(h, u, r) for h, u, r in zip(heads, units, rows)]
 
 
+@functools.lru_cache(maxsize=1)
+def local_speed() -> float:
+    """This host's Q8_0 matvec GB/s, measured once per process (0.15 s): a re-plan after a
+    worker loss reuses it, as it reuses the workers' figures from their handshake."""
+    from quant.q8_0 import measure_speed
+    return measure_speed(cpu_quota())
+
+
 def node_weights(remote: list, local: bool) -> list[float]:
     """Explicit weights where given (the rest 1), else every node's measured speed."""
     explicit = [r.weight for r in remote]
     if any(w is not None for w in explicit):
         return ([1.0] if local else []) + [w or 1.0 for w in explicit]
-    from quant.q8_0 import measure_speed
-    return ([measure_speed(cpu_quota())] if local else []) + [r.info.speed_gb_s for r in remote]
+    return ([local_speed()] if local else []) + [r.info.speed_gb_s for r in remote]
 
 
 def time_balanced(whole_seconds: list[float], fixed: list[float]) -> list[float]:
@@ -317,8 +325,8 @@ class Model:
                 break
             except NodeLost as e:
                 self.recover(e)
-        for slot, ids, p0 in segs:
-            self.history[slot] = self.history.get(slot, [])[:p0] + list(ids)
+        for slot, ids, p0 in segs:  # what each slot's KV caches now hold (for a replay)
+            self.history.setdefault(slot, [])[p0:] = ids
         return out
 
     def _passes(self, segs: list, all_logits: bool) -> list[np.ndarray]:

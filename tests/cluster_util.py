@@ -10,9 +10,10 @@ from pathlib import Path
 
 import grpc
 
-from conftest import ROOT
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
+
+ROOT = Path(__file__).resolve().parents[1]  # (not from conftest: bench/serving.py imports this)
 
 
 def free_port() -> int:
