@@ -382,7 +382,13 @@ class RemoteNode:
         ts = []
         for _ in range(n):
             t = time.perf_counter()
-            self.stub.Ping(pb.PingRequest(payload=payload), timeout=HELLO_TIMEOUT, metadata=self.metadata)
+            try:
+                self.stub.Ping(pb.PingRequest(payload=payload), timeout=HELLO_TIMEOUT,
+                               metadata=self.metadata)
+            except grpc.RpcError as e:
+                if e.code() in LOST:
+                    raise NodeLost(self, f"ping: {e.code().name}")
+                raise UserError(f"worker {self.addr} refused a ping: {e.details()}")
             ts.append(time.perf_counter() - t)
         return float(np.median(ts) * 1e6)
 

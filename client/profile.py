@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from client.cluster import RemoteNode
+from client.cluster import NodeLost, RemoteNode
 
 
 def _echo(s: str) -> None:
@@ -36,9 +36,13 @@ def print_nodes(model) -> None:
 
 def print_pings(model) -> None:
     """Before the first token: each worker's round trip carrying one activation vector."""
-    for n in model.remote:
-        _echo(f"worker {n.addr}: ping {n.ping(model.cfg.dim * 4):.0f} us round trip "
-              f"({model.cfg.dim * 4} bytes each way)")
+    for n in list(model.remote):
+        try:
+            us = n.ping(model.cfg.dim * 4)
+        except NodeLost as e:  # lost already: re-planned around (or the run stops), as mid-pass
+            model.recover(e)
+            continue
+        _echo(f"worker {n.addr}: ping {us:.0f} us round trip ({model.cfg.dim * 4} bytes each way)")
 
 
 def print_calls(model) -> None:

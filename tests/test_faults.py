@@ -165,3 +165,22 @@ def test_lost_worker_rejoins(three, expected):
     assert m.rejoin() == [three.addrs[1]]
     assert len(m.remote) == 3 and m.lost == []
     assert _generate(m, ids)[0] == want
+
+
+def test_worker_lost_before_the_first_ping(three, expected, capfd):
+    """The CLI pings every worker before the first token: one that is gone by then is planned
+    around there (or stops the run with --on-worker-loss fail), with no traceback."""
+    from client.profile import print_pings
+    ids, want = expected
+    m = _load(three)
+    three.procs[2].kill()
+    three.procs[2].wait()
+    print_pings(m)
+    assert m.lost == [three.addrs[2]] and len(m.remote) == 2
+    assert _generate(m, ids)[0] == want
+    assert capfd.readouterr().err.count("warning:") == 1
+    m = Model.load(STORIES, workers=[(a, 1.0) for a in three.addrs[:2]], on_loss="fail")
+    three.procs[1].kill()
+    three.procs[1].wait()
+    with pytest.raises(UserError, match=r"lost .*--on-worker-loss fail"):
+        print_pings(m)
