@@ -390,6 +390,7 @@ class Cluster:
                                                        p + 1, "--threads", self.threads, "--insecure",
                                                        *self.worker_args],
                                                    stdout=log, stderr=subprocess.STDOUT, env=self.env))
+                self._wait_started(h, self.procs[-1])
             self.relay = Relay(self.delay_ms, [(f"127.0.0.1:{p + k}", f"{self.lan.ip(h)}:{p + k}")
                                                for h, p in zip(self.workers, self.ports) for k in (0, 1)])
             self.relay.start(lambda cmd, **kw: self.lan.run("client", cmd, cgroup=False, **kw))
@@ -398,6 +399,21 @@ class Cluster:
             self.__exit__()
             raise
         return self
+
+    def _wait_started(self, host: str, proc: subprocess.Popen) -> None:
+        """Until the worker has measured its speed and says it serves: workers start one after
+        another, because two speed probes at once share this machine's memory bus (a 0.5-core
+        host once measured a quarter of its neighbour's speed instead of half), which hosts of
+        a real LAN do not."""
+        t = time.time()
+        while "serving on" not in self.log(host):
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker {host} exited ({proc.returncode}) while starting:\n"
+                                   f"{self.log(host)[-2000:]}")
+            if time.time() - t > self.ready_timeout:
+                raise RuntimeError(f"worker {host} did not start in {self.ready_timeout} s:\n"
+                                   f"{self.log(host)[-2000:]}")
+            time.sleep(0.1)
 
     def _wait_ready(self) -> None:
         """Hello through the relay from the client's host (tests/cluster_util.wait_ready), while
