@@ -375,7 +375,7 @@ class Model:
         worker gets only what it does not hold), and rebuild every sequence's KV caches by
         replaying its tokens so far as one batch. Then the interrupted pass can run again."""
         t0 = time.perf_counter()
-        lost, replay = e, [(slot, ids, 0) for slot, ids in sorted(self.history.items()) if ids]
+        lost, replay = e, self._replay()
         while True:
             if lost.alive:  # only the session ended (idle too long): open new ones, same plan
                 self.place(self.remote)
@@ -392,6 +392,10 @@ class Model:
                 lost = again
         warn(f"{e}: re-planned over {len(self.nodes)} nodes and replayed "
              f"{sum(len(ids) for _, ids, _ in replay)} tokens in {time.perf_counter() - t0:.2f} s")
+
+    def _replay(self) -> list:
+        """Segments that rebuild every slot's KV caches from position 0 (after a re-plan)."""
+        return [(slot, ids, 0) for slot, ids in sorted(self.history.items()) if ids]
 
     def fail_on(self, e: NodeLost) -> None:
         if self.on_loss == "fail":
@@ -413,7 +417,7 @@ class Model:
             self.lost.remove(addr)
         if back:
             self.place(self.remote + back)
-            replay = [(slot, ids, 0) for slot, ids in sorted(self.history.items()) if ids]
+            replay = self._replay()
             if replay:
                 self.forward_batch(replay)  # rebuild the KV caches under the new plan
         return [n.addr for n in back]

@@ -461,7 +461,6 @@ class Worker(rpc.WorkerServicer):
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"step {op}: {e} (activations too large?)")
         return np.zeros(x.shape, np.float64) if y is None else y
 
-
     @staticmethod
     def segments(slices: SliceSet, req) -> list[tuple[int, int, int]]:
         """The request's rows as segments (slot, p0, n), checked against the session's caches."""
