@@ -60,10 +60,9 @@ def _ranges(counts: list[int], unit: int = 1, end: int | None = None) -> list[tu
 
 
 def plan_shards(cfg: LlamaConfig, weights: list[float]) -> list[Shard]:
-    """Split query heads, FFN units and classifier rows by weight. Units go in pairs of Q8_0
-    blocks (64): the VNNI kernel takes a row's blocks two at a time (an odd count goes through
-    the float loop, which rounds differently), so with even slices every cut of Wdown sums the
-    same per-block terms as the whole."""
+    """Split query heads, FFN units and classifier rows by weight. Units go in whole Q8_0
+    blocks (in pairs, 64 units), so that every cut of Wdown sums the same per-block terms as
+    the whole (quant.q8_0.matmul, acc64)."""
     heads = _ranges(split_counts(cfg.n_heads, weights))
     units = _ranges(split_counts(-(-cfg.ffn_dim // (2 * QK)), weights), 2 * QK, cfg.ffn_dim)
     rows = _ranges(split_counts(cfg.vocab_size, weights))
