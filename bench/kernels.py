@@ -7,10 +7,11 @@
      int8     llama.cpp's way: activations quantized to Q8_0, int8 x int8 dots per block
      int8flat int8 x int8 products in a flat loop, scales per element
 2. Batched products: T tokens through the 4-token kernel vs dequantized tiles into SGEMM.
-3. Continuous batching on VNNI CPUs: T = 1..16 decoding sequences through matmul (rows bit for
-   bit matvec's) over TinyLlama's FFN matrices, four of each shape cycled (46 MB, beyond the
-   L3) so that every call streams its weights from RAM: ms per call, the cost of batching
-   time(T) / time(1), and the float 4-token kernel (_matmul4, the path before) at the same T.
+3. Batches on VNNI CPUs: T = 1..16 decoding sequences and T = 32..512 prompt tokens through
+   matmul (the 16-rows-per-vector VNNI kernel, rows bit for bit matvec's) over TinyLlama's FFN
+   matrices, four of each shape cycled (46 MB, beyond the L3) so that every call streams its
+   weights from RAM: ms per call, the cost of batching time(T) / time(1), and the float paths
+   at the same T (the 4-token kernel _matmul4 below 32, dequantized tiles into SGEMM from 32).
 
     .venv/bin/python -m bench.kernels [--threads 1,2] [--only continuous]
 """
@@ -90,21 +91,25 @@ def continuous_batching(rng, threads=2, reps=7):
     for R, C in ((5632, 2048), (2048, 5632)):
         ws = [Q.quantize((rng.standard_normal((R, C)) * 0.02).astype(np.float32)) for _ in range(4)]
         t1 = None
-        for T in (1, 2, 4, 8, 16):
+        for T in (1, 2, 4, 8, 16, 32, 128, 512):
             X = rng.standard_normal((T, C)).astype(np.float32)
+            n = reps if T <= 32 else 3
             X4 = np.zeros((4, C), np.float32)
             o4 = np.empty((4, R), np.float32)
 
-            def old(w):  # matmul before: groups of four tokens through _matmul4
+            def old(w):  # the float paths: groups of four tokens through _matmul4, or SGEMM
+                if T >= Q._GEMM_MIN_T:
+                    return Q._gemm(w.q, w.d, X, np.empty((T, R), np.float32))
                 for k in range(0, T, 4):
                     X4[:min(4, T - k)] = X[k:k + 4]
                     Q._matmul4(w.q, w.d, X4, o4, np.float32(0))
-            new = _median_time(lambda: [Q.matmul(w, X) for w in ws], reps) / len(ws)
+            new = _median_time(lambda: [Q.matmul(w, X) for w in ws], n) / len(ws)
             t1 = t1 or new
-            was = _median_time(lambda: [old(w) for w in ws], reps) / len(ws) if T > 1 else None
-            print(f"  {R}x{C} T={T:<3} {new * 1e3:6.3f} ms  x{new / t1:5.2f} of T=1  "
+            was = _median_time(lambda: [old(w) for w in ws], n) / len(ws) if T > 1 else None
+            print(f"  {R}x{C} T={T:<3} {new * 1e3:7.3f} ms  x{new / t1:6.2f} of T=1  "
                   f"{new / T * 1e3:6.3f} ms/token" +
-                  (f"   _matmul4 {was * 1e3:6.3f} ms ({was / new:4.2f}x slower)" if was else ""))
+                  (f"   {'SGEMM' if T >= Q._GEMM_MIN_T else '_matmul4'} {was * 1e3:7.3f} ms "
+                   f"({was / new:4.2f}x slower)" if was else ""), flush=True)
 
 
 @click.command()
