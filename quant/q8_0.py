@@ -485,15 +485,15 @@ _tile1, _tile2, _tile4, _tile8 = (_tile16(n) for n in (1, 2, 4, 8))
 
 
 @njit(parallel=True, fastmath=True, **_JIT)
-def _matmul_tiles(q, d, XQ, XC, XS, out, zero):
+def _matmul_tiles(q, d, XQ, XC, XS, out, zero, most):
     # q [R, C] int8, d [R, C/32] fp16 bits; XQ [T, C] int8 activations with block scales
     # XS [T, C/32] and XC = 128 * block sums (see _tile16) -> out [T, R], in the type of `zero`.
     # One task per group of 16 rows (a last partial group runs on a zero-padded copy); tokens
-    # in passes of 8 (4 in float64, whose accumulators take twice the registers), then 4, 2, 1.
+    # in passes of `most` (8; 4 in float64, whose accumulators take twice the registers), then
+    # 4, 2, 1.
     R, C = q.shape
     T = XQ.shape[0]
     nblk = d.shape[1]
-    most = 4 if zero == np.float64(0.0) else 8
     for g in prange((R + _GROUP - 1) // _GROUP):
         r0 = g * _GROUP
         rows = min(_GROUP, R - r0)
@@ -612,7 +612,7 @@ def _vnni_products(w: Q8Tensor, Xp: np.ndarray, out: np.ndarray, zero) -> None:
     """Xp [T, cols_padded] f32 -> out [T, rows] with Q8_0 activations; each row of out is the
     same whatever T and whatever the other rows (see _tile16)."""
     XQ, XC, XS = _q8_activations(Xp)
-    _matmul_tiles(w.q, w.d, XQ, XC, XS, out, zero)
+    _matmul_tiles(w.q, w.d, XQ, XC, XS, out, zero, 4 if out.dtype == np.float64 else 8)
 
 
 def matvec(w: Q8Tensor, x: np.ndarray, vnni: bool | None = None, acc64: bool = False) -> np.ndarray:
