@@ -9,7 +9,8 @@ from numba.extending import overload
 
 from quant.q8_0 import bf16_bits_to_f32, f32_to_bf16_bits
 
-_JIT = dict(cache=True, nogil=True, fastmath=True)
+# fast-math without reassociation: sums keep their written order (see attention)
+_JIT = dict(cache=True, nogil=True, fastmath={"nsz", "arcp", "contract", "afn"})
 
 
 @njit(**_JIT)
@@ -62,6 +63,39 @@ def _kv_put_impl(cache_dtype_probe, x):
     return lambda cache_dtype_probe, x: x
 
 
+@njit(cache=True, nogil=True, fastmath=True)
+def _max(x):
+    # max over x: exact in any order, so fully fast-math (vectorized) is safe here
+    m = x[0]
+    for i in range(1, x.shape[0]):
+        m = max(m, x[i])
+    return m
+
+
+@njit(**_JIT)
+def _exp_nonpositive(x):
+    """x <- exp(x) in place for x <= 0 (softmax arguments), in two elementwise loops that
+    vectorize (a libm call per element cost a quarter of attention): x = k ln2 + r with
+    |r| <= ln2/2, exp(r) by Cephes' expf polynomial (about 1 ulp), then k added to the exponent
+    bits. x below -87 gives exp(-87) ~ 1.6e-38 rather than smaller: nothing beside the max's 1."""
+    k = np.empty(x.shape[0], np.int32)
+    for i in range(x.shape[0]):
+        v = max(x[i], np.float32(-87.0))
+        kf = np.floor(v * np.float32(1.44269504) + np.float32(0.5))
+        r = v - kf * np.float32(0.693359375) + kf * np.float32(2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        x[i] = p * r * r + r + np.float32(1.0)
+        k[i] = np.int32(kf)
+    bits = x.view(np.int32)
+    for i in range(x.shape[0]):
+        bits[i] += k[i] << 23
+
+
 @njit(**_JIT)
 def _rope(v, cos, sin):
     # rotate-half RoPE in place on one head vector v [d]: pairs (i, i + d/2)
@@ -76,12 +110,17 @@ def _rope(v, cos, sin):
 def attention(qkv, pos, slot, cos, sin, kc, vc, kv_of_q, nq):
     """qkv [T, (nq + 2 nkv) d] = this slice's q heads, then its k heads, then its v heads; row t is
     the token at position pos[t] of the sequence in KV slot slot[t] (a batch may hold several
-    sequences, each a run of consecutive positions). RoPE q and k, write k, v into the caches
-    kc, vc [slots, nkv, ctx, d], and return o [T, nq d] = softmax(q K^T / sqrt(d), causal) V per
-    query head, over positions 0 .. pos[t] of its own slot; query head j reads cache head
-    kv_of_q[j]."""
+    sequences, each a run of consecutive positions). RoPE q and k, write k into kc [slots, nkv,
+    d, ctx] (keys stored transposed) and v into vc [slots, nkv, ctx, d], and return o [T, nq d] =
+    softmax(q K^T / sqrt(d), causal) V per query head, over positions 0 .. pos[t] of its own
+    slot; query head j reads cache head kv_of_q[j].
+
+    Every sum runs in the order written (_JIT allows no reassociation): the scores are d
+    multiply-adds over a run of positions, the softmax total and V mix are summed position by
+    position, so the same inputs give the same bits on every node and however Numba built the
+    code (fast-math reassociation made a freshly compiled kernel and a cached one differ)."""
     T = qkv.shape[0]
-    nkv, d = kc.shape[1], kc.shape[3]
+    nkv, d = vc.shape[1], vc.shape[3]
     q = np.empty((T, nq, d), np.float32)
     for t in range(T):
         c, s, p, b = cos[pos[t]], sin[pos[t]], pos[t], slot[t]
@@ -93,7 +132,7 @@ def attention(qkv, pos, slot, cos, sin, kc, vc, kv_of_q, nq):
             _rope(k, c, s)
             v0 = (nq + nkv + j) * d
             for e in range(d):
-                kc[b, j, p, e] = _kv_put(kc[0, 0, 0, 0], k[e])
+                kc[b, j, e, p] = _kv_put(kc[0, 0, 0, 0], k[e])
                 vc[b, j, p, e] = _kv_put(vc[0, 0, 0, 0], qkv[t, v0 + e])
     out = np.empty((T, nq * d), np.float32)
     scale = np.float32(1.0 / np.sqrt(d))
@@ -101,24 +140,22 @@ def attention(qkv, pos, slot, cos, sin, kc, vc, kv_of_q, nq):
         t, j = job // nq, job % nq
         kv, b = kv_of_q[j], slot[t]
         n = pos[t] + 1  # causal: positions 0 .. pos[t]
-        qv = q[t, j]
-        score = np.empty(n, np.float32)
-        m = np.float32(-np.inf)
+        score = np.zeros(n, np.float32)
+        for e in range(d):  # score [n] += q[e] * K[e, :n]: independent lanes, vectorized
+            qe, ke = q[t, j, e], kc[b, kv, e]
+            for p in range(n):
+                score[p] += qe * _kv_get(ke[p])
+        m = _max(score)
         for p in range(n):
-            acc = np.float32(0.0)
-            for e in range(d):
-                acc += qv[e] * _kv_get(kc[b, kv, p, e])
-            acc *= scale
-            score[p] = acc
-            m = max(m, acc)
+            score[p] = (score[p] - m) * scale
+        _exp_nonpositive(score)
         total = np.float32(0.0)
         for p in range(n):
-            score[p] = np.exp(score[p] - m)
             total += score[p]
         o = np.zeros(d, np.float32)
-        for p in range(n):
-            w = score[p] / total
+        for p in range(n):  # o [d] += w_p V[p, :]
+            w, vp = score[p] / total, vc[b, kv, p]
             for e in range(d):
-                o[e] += w * _kv_get(vc[b, kv, p, e])
+                o[e] += w * _kv_get(vp[e])
         out[t, j * d:(j + 1) * d] = o
     return out

@@ -95,8 +95,8 @@ class AttentionSlice:
     wqkv: object                 # [(nq + 2 nkv) d, D]
     wo: object                   # [D, nq d]
     kv_of_q: np.ndarray          # [nq] local kv index of each query head
-    cache_k: np.ndarray          # [slots, nkv, ctx, d]: one cache per sequence slot
-    cache_v: np.ndarray
+    cache_k: np.ndarray          # [slots, nkv, d, ctx]: one cache per sequence slot, keys transposed
+    cache_v: np.ndarray          # [slots, nkv, ctx, d]
 
     @staticmethod
     def make(cfg: LlamaConfig, heads: tuple[int, int], wqkv, wo, ctx: int, kv_dtype: str, slots: int = 1):
@@ -108,10 +108,11 @@ class AttentionSlice:
         return AttentionSlice(heads, (k0, k1), wqkv, wo, kv_of_q, empty, empty).fresh(ctx, kv_dtype, slots)
 
     def fresh(self, ctx: int, kv_dtype: str, slots: int = 1) -> "AttentionSlice":
-        """The same weights with new, empty KV caches [slots, nkv, ctx, d]."""
-        shape = (slots, self.kv_heads[1] - self.kv_heads[0], ctx, self.cache_k.shape[3])
-        return replace(self, cache_k=np.zeros(shape, KV_DTYPES[kv_dtype]),
-                       cache_v=np.zeros(shape, KV_DTYPES[kv_dtype]))
+        """The same weights with new, empty KV caches: keys [slots, nkv, d, ctx] (transposed, so
+        a query's scores are multiply-adds along positions), values [slots, nkv, ctx, d]."""
+        slots_nkv, d = (slots, self.kv_heads[1] - self.kv_heads[0]), self.cache_v.shape[3]
+        return replace(self, cache_k=np.zeros(slots_nkv + (d, ctx), KV_DTYPES[kv_dtype]),
+                       cache_v=np.zeros(slots_nkv + (ctx, d), KV_DTYPES[kv_dtype]))
 
     def forward(self, xn: np.ndarray, segs, rope) -> np.ndarray:
         # xn [T, D], rows placed by segs (see rows_of) -> partial [T, D]

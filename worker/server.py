@@ -466,7 +466,7 @@ class Worker(rpc.WorkerServicer):
         """The request's rows as segments (slot, p0, n), checked against the session's caches."""
         segs = list(zip(req.seg_slot, req.seg_pos, req.seg_len)) or [(0, req.pos, req.tokens)]
         a = next((a for a in slices.attn if a is not None), None)
-        slots, ctx = (a.cache_k.shape[0], a.cache_k.shape[2]) if a else (MAX_SLOTS, 1 << 30)
+        slots, ctx = (a.cache_v.shape[0], a.cache_v.shape[2]) if a else (MAX_SLOTS, 1 << 30)
         if (not len(req.seg_slot) == len(req.seg_pos) == len(req.seg_len)
                 or sum(n for _, _, n in segs) != req.tokens
                 or any(b >= slots or n == 0 or p0 + n > ctx for b, p0, n in segs)):
