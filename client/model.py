@@ -30,7 +30,7 @@ from client.slices import (Shard, SliceSet, layer_name, load_matrix, output_name
                            shard_nbytes, shard_tensors)
 from client.tokenizer import Tokenizer
 from proto.wire import encode, request_wire
-from quant.q8_0 import QK, Q8Tensor, dequantize
+from quant.q8_0 import QK, Q8Tensor, Q8Tiles, dequantize, untiled
 from quant.q8_0 import nbytes as q8_nbytes
 
 
@@ -178,7 +178,7 @@ def plan_in_memory(model_dir, cfg: LlamaConfig, weights: list[float], remote: li
 class Model:
     cfg: LlamaConfig
     tokenizer: Tokenizer
-    embedding: object            # [V, D] Q8Tensor or float32
+    embedding: object            # [V, D] Q8Tensor or float32 (Q8Tiles when tied: the classifier)
     attn_norm: list[np.ndarray]  # [D] per layer
     ffn_norm: list[np.ndarray]
     final_norm: np.ndarray
@@ -278,8 +278,13 @@ class Model:
         src, cfg, fmt = self.src, self.cfg, self.fmt
         whole = self.embedding if src["tied"] and sh.rows == (0, cfg.vocab_size) else None
         if not remote or (src["local"] and i == 0):  # (several in-process slice sets: tests)
-            return SliceSet.build(src["ckpt"], cfg, sh, fmt, self.kv_dtype, self.ctx, whole,
-                                  src["progress"], self.slots)
+            s = SliceSet.build(src["ckpt"], cfg, sh, fmt, self.kv_dtype, self.ctx, whole,
+                               src["progress"], self.slots)
+            if whole is not None:  # tied: the lookup reads the classifier as repacked, one copy
+                self.embedding = s.classifier
+            return s
+        if isinstance(whole, Q8Tiles):  # uploads carry the row-major form
+            whole = untiled(whole)
         node = remote[i - src["local"]]
         node.disconnect()  # a session from an earlier plan ends; its KV caches are freed
         key = manifest_key(src["ckpt"], src["config_json"], fmt, sh) if src["cache"] else None
@@ -295,7 +300,7 @@ class Model:
     def embed(self, ids: list[int]) -> np.ndarray:
         # [T] -> [T, D]
         idx = np.asarray(ids, np.int64)
-        if isinstance(self.embedding, Q8Tensor):
+        if isinstance(self.embedding, (Q8Tensor, Q8Tiles)):
             return dequantize(self.embedding, idx)
         return self.embedding[idx].copy()
 
@@ -447,7 +452,7 @@ class Model:
         def add(kind, w):
             if w is None:
                 return
-            if isinstance(w, Q8Tensor):
+            if isinstance(w, (Q8Tensor, Q8Tiles)):
                 b, p, q = w.nbytes, w.params, "q8_0"
             else:
                 b, p, q = w.nbytes, w.size, "f32"

@@ -251,7 +251,7 @@ class SliceSet:
         return matmul(self.classifier, xn)                                 # [T, r1 - r0]
 
     def tensors(self) -> dict:
-        """name -> weight (Q8Tensor or float32), in a fixed order: what an upload carries."""
+        """name -> weight as held (Q8Tiles on VNNI CPUs, else Q8Tensor, or float32)."""
         out = {}
         for l, (a, f) in enumerate(zip(self.attn, self.ffn)):
             if a is not None:
@@ -264,15 +264,18 @@ class SliceSet:
     @staticmethod
     def from_tensors(cfg: LlamaConfig, shard: Shard, tensors: dict, ctx: int, kv_dtype="bf16",
                      slots: int = 1):
-        """Rebuild a SliceSet from `tensors()` of the same shard (a worker after an upload)."""
+        """A SliceSet from the named tensors of shard_tensors (a worker after an upload), in the
+        form this host's kernels run (q8.runnable: a no-op for tensors the caller already made
+        runnable, as build() and a worker's upload do, so that a node holds one copy)."""
         s = SliceSet(shard, rope=rope_tables(cfg, ctx))  # positions < ctx: the caches' length
+        w = lambda name: q8.runnable(tensors[name])  # noqa: E731
         for l in range(cfg.n_layers):
-            s.attn.append(AttentionSlice.make(cfg, shard.heads, tensors[f"layers.{l}.wqkv"],
-                                              tensors[f"layers.{l}.wo"], ctx, kv_dtype, slots)
+            s.attn.append(AttentionSlice.make(cfg, shard.heads, w(f"layers.{l}.wqkv"),
+                                              w(f"layers.{l}.wo"), ctx, kv_dtype, slots)
                           if shard.heads[1] > shard.heads[0] else None)
-            s.ffn.append(FFNSlice(shard.units, tensors[f"layers.{l}.wgu"], tensors[f"layers.{l}.wdown"])
+            s.ffn.append(FFNSlice(shard.units, w(f"layers.{l}.wgu"), w(f"layers.{l}.wdown"))
                          if shard.units[1] > shard.units[0] else None)
-        s.classifier = tensors["classifier"]
+        s.classifier = w("classifier")
         return s
 
     def run(self, op: str, layer: int, x: np.ndarray, segs) -> np.ndarray | None:
@@ -292,7 +295,7 @@ class SliceSet:
         loaders = shard_tensors(ckpt, cfg, shard, fmt, classifier)
         tensors = {}
         for i, (name, load) in enumerate(loaders):
-            tensors[name] = load()
+            tensors[name] = q8.runnable(load())
             if progress:
                 progress(i + 1, len(loaders))
         return SliceSet.from_tensors(cfg, shard, tensors, ctx or cfg.max_seq_len, kv_dtype, slots)

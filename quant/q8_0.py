@@ -30,12 +30,15 @@ arithmetic, written as LLVM IR in a Numba intrinsic (`_tile16`): the activations
 to Q8_0 once per call, and vpdpbusd (int8 x int8 -> int32) gives exact integer block dots, each
 then converted and multiplied-added with the block's two scales. Activations in int8 add ~0.5%
 relative error to a product, as in llama.cpp. Sixteen weight rows share a vector, one row per
-lane: a block's 16 x 32 bytes are transposed in registers, and each token's activation bytes
-are broadcast, so a block costs 8 vpdpbusd per token with no horizontal sums, and the block
-loop runs for 1 to 8 tokens at once over one read of W. A row's arithmetic is the same whatever
-it is batched with: continuous batching changes no sequence's output. Measured with 2 threads
-on a TinyLlama layer (bench/kernels.py): one token as fast as the row-at-a-time kernel before
-it (memory-bound), 8 tokens 2.7x faster, a 512-token prompt ~2x faster than f32 SGEMM.
+lane: a node's weights are repacked once (tiles(), Q8Tiles) so that each block of 16 rows is 8
+vectors ready to multiply, and each token's activation bytes are broadcast, so a block costs 8
+vpdpbusd per token with no horizontal sums, and the block loop runs for 1 to 8 tokens at once
+over one read of W. A row's arithmetic is the same whatever it is batched with: continuous
+batching changes no sequence's output. Measured with 2 threads on a TinyLlama layer
+(bench/kernels.py): one token as fast as the row-at-a-time kernel before it (memory-bound), 8
+tokens ~3x faster, a 512-token prompt ~2x faster than f32 SGEMM. The packed layout (against
+transposing each block in registers) made one token on one core ~15% faster (28 GB/s, the
+core's streaming bandwidth) and 8 tokens ~5% faster.
 """
 from __future__ import annotations
 
@@ -157,9 +160,14 @@ def padded(cols: int) -> int:
 
 
 def nbytes(rows: int, cols: int, fmt: str = "q8_0") -> int:
-    """Bytes of a [rows, cols] weight held as Q8_0 (int8 quants of the padded row, then one fp16
-    scale per block of 32) or as f32."""
-    return rows * padded(cols) // QK * (QK + 2) if fmt == "q8_0" else rows * cols * 4
+    """Bytes of a [rows, cols] weight as a node holds it: Q8_0 (int8 quants of the padded row,
+    then one fp16 scale per block of 32; on VNNI CPUs rows padded to a multiple of 16, see
+    Q8Tiles) or f32."""
+    if fmt != "q8_0":
+        return rows * cols * 4
+    if VNNI:
+        rows = -(-rows // _GROUP) * _GROUP
+    return rows * padded(cols) // QK * (QK + 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +256,10 @@ def _dequantize_rows(q, d, out):
             orow[c] = np.float32(qr[c]) * ds[c >> 5]
 
 
-def dequantize(w: Q8Tensor, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
-    """Q8_0 rows -> float32 [n, cols] (exact: int8 * fp16 fits f32)."""
+def dequantize(w, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
+    """Q8_0 rows (of a Q8Tensor or Q8Tiles) -> float32 [n, cols] (exact: int8 * fp16 fits f32)."""
+    if isinstance(w, Q8Tiles):
+        w, rows = untiled(w, np.arange(w.rows)[rows]), slice(None)
     q, d = w.q[rows], w.d[rows]
     if out is None:
         out = np.empty((q.shape[0], w.cols), np.float32)
@@ -319,58 +329,121 @@ def _matmul4(q, d, X, out, zero):
 # ---------------------------------------------------------------------------------------------
 # AVX-512 VNNI: activations in Q8_0, int8 x int8 block dots, 16 weight rows per vector
 # ---------------------------------------------------------------------------------------------
-_i16, _i32, _f32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
-_V8I32, _V16I32, _V16F = ir.VectorType(_i32, 8), ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
+_i32, _f32 = ir.IntType(32), ir.FloatType()
+_V16I32, _V16F = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
+_AHEAD = 64           # vectors (of 64 bytes) read ahead of the one in use: 8 blocks, 4 KB
 _GROUP = 16           # weight rows per vector lane set (one zmm of int32 / float32)
-_PREFETCH_LINES = 8   # cache lines of the next group fetched per block: 16 rows x 32 bytes
+
+
+@dataclass
+class Q8Tiles:
+    """A Q8Tensor repacked once for the VNNI kernel (tiles()): rows in groups of 16, and per
+    group and block of 32 columns 512 contiguous bytes, vector k (64 bytes) holding bytes
+    4k .. 4k+3 of the block of each of the 16 rows (one row per int32 lane), stored as
+    q + 128 (unsigned, as vpdpbusd takes them). The kernel then loads a block ready to multiply:
+    no shuffles, one sequential stream per group."""
+    q: np.ndarray  # uint8  [groups, nblk * 512]
+    d: np.ndarray  # uint16 [groups, nblk, 16], fp16 bits (rows past the last: 0)
+    rows: int
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.d.nbytes
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.cols
+
+
+@njit(parallel=True, **_JIT)
+def _pack_tiles(q, d, tq, td):
+    R, C = q.shape
+    nblk = C // QK
+    for g in prange(tq.shape[0]):
+        for lane in range(_GROUP):
+            r = g * _GROUP + lane
+            for b in range(nblk):
+                td[g, b, lane] = d[r, b] if r < R else 0
+                for c in range(QK):
+                    v = np.uint8((np.int32(q[r, b * QK + c]) if r < R else 0) + 128)
+                    tq[g, b * 512 + (c // 4) * 64 + lane * 4 + c % 4] = v
+
+
+def tiles(w: Q8Tensor) -> Q8Tiles:
+    """w repacked for the VNNI kernel (see Q8Tiles); the same size, rows padded to 16."""
+    R, Cp = w.q.shape
+    G = (R + _GROUP - 1) // _GROUP
+    tq = np.empty((G, Cp // QK * 512), np.uint8)
+    td = np.empty((G, Cp // QK, _GROUP), np.uint16)
+    _pack_tiles(w.q, w.d, tq, td)
+    return Q8Tiles(tq, td, R, w.cols)
+
+
+@njit(parallel=True, **_JIT)
+def _unpack_tiles(tq, td, rows, q, d):
+    # rows [n] of a Q8Tiles back into row-major q [n, C] int8, d [n, C/32]: what _pack_tiles did, undone
+    nblk = td.shape[1]
+    for i in prange(rows.shape[0]):
+        g, lane = rows[i] // _GROUP, rows[i] % _GROUP
+        for b in range(nblk):
+            d[i, b] = td[g, b, lane]
+            for c in range(QK):
+                q[i, b * QK + c] = np.int8(np.int32(tq[g, b * 512 + (c // 4) * 64 + lane * 4 + c % 4]) - 128)
+
+
+def untiled(w: Q8Tiles, rows: np.ndarray | None = None) -> Q8Tensor:
+    """Rows of w (default all) as a row-major Q8Tensor: for the embedding lookup of tied
+    weights and for uploads, which carry the row-major form."""
+    rows = np.arange(w.rows) if rows is None else np.asarray(rows, np.int64)
+    nblk = w.d.shape[1]
+    q, d = np.empty((len(rows), nblk * QK), np.int8), np.empty((len(rows), nblk), np.uint16)
+    _unpack_tiles(w.q, w.d, rows, q, d)
+    return Q8Tensor(q, d, w.cols)
 
 
 def _tile16(n):
-    """An intrinsic f(q, d, XQ, XC, XS, DS, OUT, r0, t0, fill, zero) -> 0: the dot products of
-    weight rows r0 .. r0 + 15 with tokens t0 .. t0 + n - 1, into OUT [n, 16] (type of `zero`).
+    """An intrinsic f(tq, td, XQ, XC, XS, OUT, g, t0, zero) -> 0: the dot products of the 16 rows
+    of group g of a Q8Tiles with tokens t0 .. t0 + n - 1, into OUT [n, 16] (type of `zero`).
 
-    Per block b of 32 columns, the 16 rows' 32 bytes are loaded and transposed in registers
-    (three butterfly stages of two-source shuffles), so that vector j holds bytes 4j..4j+3 of
-    the block of every row, one row per int32 lane. Then, per token, 8 vpdpbusd with that
-    token's 4 activation bytes broadcast (the memory operand, signed) give the 16 rows' exact
-    int32 block dots at once: the weights go in as q ^ 0x80 = q + 128 unsigned, so each dot is
-    too large by 128 * sum(xq_b) = XC[t, b], subtracted as an integer. Then, strictly (no fast
-    flags, llvm.fma):
+    Per block b: the 8 vectors of the block (see Q8Tiles), then per token 8 vpdpbusd with that
+    token's 4 activation bytes broadcast (signed) give the 16 rows' exact int32 block dots at
+    once. The weights went in as q + 128, so each dot is too large by 128 * sum(xq_b) =
+    XC[t, b], subtracted as an integer. Then, strictly (no fast flags, llvm.fma):
 
-        acc[t, row] = fma(float(dot[t, row, b]), DS[b, row] * XS[t, b], acc[t, row])   b = 0, 1, ...
+        acc[t, row] = fma(float(dot[t, row, b]), d[b, row] * XS[t, b], acc[t, row])   b = 0, 1, ...
 
-    DS[b, row] * XS[t, b] is exact in float32 (two fp16 values), and the dot an exact integer,
-    so a row's result depends only on its own row and token: not on n, t0 or the other rows.
-    With `fill`, the call first writes DS [nblk, 16] (the rows' fp16 scales as float32,
-    transposed 16 blocks at a time; blocks past the last multiple of 16: the caller's).
-
-    While it works through a group it prefetches the next one (its 16 rows are contiguous, and
-    16 rows read side by side, 32 bytes at a time, starve the hardware prefetcher: 14 GB/s
-    instead of 29 on one core)."""
+    d * XS is exact in float32 (two fp16 values), the dot an exact integer, so a row's result
+    depends only on its own row and token: not on n, t0 or the other rows."""
     @intrinsic
-    def tile(typingctx, q, d, XQ, XC, XS, DS, OUT, r0, t0, fill, zero):
+    def tile(typingctx, tq, td, XQ, XC, XS, OUT, g, t0, zero):
         wide = zero == types.float64
-        sig = types.int64(q, d, XQ, XC, XS, DS, OUT, types.int64, types.int64, types.int64, zero)
+        sig = types.int64(tq, td, XQ, XC, XS, OUT, types.int64, types.int64, zero)
 
         def codegen(context, builder, signature, args):
-            i64, i8p = ir.IntType(64), ir.IntType(8).as_pointer()
+            i64 = ir.IntType(64)
             c64 = lambda v: ir.Constant(i64, v)  # noqa: E731
-            qa, ha, xa, ca, sa, da, oa = (context.make_array(signature.args[i])(context, builder, args[i])
-                                          for i in range(7))
-            r0, t0, fill = args[7], args[8], args[9]
-            nblk = builder.extract_value(da.shape, 0)
+            qa, ha, xa, ca, sa, oa = (context.make_array(signature.args[i])(context, builder, args[i])
+                                      for i in range(6))
+            g, t0 = args[6], args[7]
+            nblk = builder.extract_value(ha.shape, 1)
             fn = lambda name, ret, *a: builder.module.globals.get(name) or ir.Function(  # noqa: E731
                 builder.module, ir.FunctionType(ret, list(a)), name)
             ft = ir.DoubleType() if wide else _f32
             vt = ir.VectorType(ft, 16)
             dp = fn("llvm.x86.avx512.vpdpbusd.512", _V16I32, _V16I32, _V16I32, _V16I32)
             fma = fn(f"llvm.fma.v16f{'64' if wide else '32'}", vt, vt, vt, vt)
+            i8p = ir.IntType(8).as_pointer()
             prefetch = fn("llvm.prefetch.p0i8", ir.VoidType(), i8p, _i32, _i32, _i32)
+            hint = [ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)]  # read, keep, data
             zero_i = ir.Constant(_V16I32, [ir.Constant(_i32, 0)] * 16)
             zero_f = ir.Constant(vt, [ir.Constant(ft, 0.0)] * 16)
-            flip = ir.Constant(_V16I32, [ir.Constant(_i32, 0x80808080 - (1 << 32))] * 16)
 
-            def addr(a, row):  # byte address of a row of a 2-D array
+            def addr(a, row):  # byte address of a row of an array (first axis)
                 return builder.add(builder.ptrtoint(a.data, i64),
                                    builder.mul(row, builder.extract_value(a.strides, 0)))
 
@@ -383,48 +456,10 @@ def _tile16(n):
                                              ir.Constant(_i32, 0))
                 return builder.shuffle_vector(vec, vec, ir.Constant(_V16I32, [0] * 16))
 
-            def butterflies(vs, bits, width):
-                """Swap off-diagonal sub-blocks of the matrix whose rows are vs (lane i, column
-                i % width), at each scale in bits: after all of log2(width), a transpose."""
-                for bit in bits:
-                    out = list(vs)
-                    for k0 in [k for k in range(len(vs)) if not k & bit]:
-                        k1 = k0 | bit
-                        m0 = [i if not (i % width) & bit else 16 + (i ^ bit) for i in range(16)]
-                        m1 = [16 + i if (i % width) & bit else (i ^ bit) for i in range(16)]
-                        out[k0] = builder.shuffle_vector(vs[k0], vs[k1], ir.Constant(_V16I32, m0))
-                        out[k1] = builder.shuffle_vector(vs[k0], vs[k1], ir.Constant(_V16I32, m1))
-                    vs = out
-                return vs
-
-            dsp = builder.bitcast(da.data, _V16F.as_pointer())
-
-            # DS: 16 rows x 16 fp16 scales -> float32, transposed, per 16 blocks
-            hrows = rows(ha, r0, 16, ir.VectorType(_i16, 16))
-            nch = builder.sdiv(nblk, c64(16))
-            entry = builder.basic_block
-            sloop, sdone = builder.append_basic_block("scales.loop"), builder.append_basic_block("scales.done")
-            builder.cbranch(builder.and_(builder.icmp_signed(">", nch, c64(0)),
-                                         builder.icmp_signed("!=", fill, c64(0))), sloop, sdone)
-            builder.position_at_end(sloop)
-            ch = builder.phi(i64)
-            ch.add_incoming(c64(0), entry)
-            S = [builder.fpext(builder.bitcast(builder.load(builder.gep(h, [ch]), align=2),
-                                               ir.VectorType(ir.HalfType(), 16)), _V16F) for h in hrows]
-            for j, v in enumerate(butterflies(S, (1, 2, 4, 8), 16)):
-                builder.store(v, builder.gep(dsp, [builder.add(builder.mul(ch, c64(16)), c64(j))]), align=4)
-            ch2 = builder.add(ch, c64(1))
-            ch.add_incoming(ch2, sloop)
-            builder.cbranch(builder.icmp_signed("<", ch2, nch), sloop, sdone)
-            builder.position_at_end(sdone)
-
-            # the blocks
-            qrows = rows(qa, r0, 16, _i32)                    # in units of 4 bytes
+            qp = builder.inttoptr(addr(qa, g), _V16I32.as_pointer())            # 8 vectors per block
+            hp = builder.inttoptr(addr(ha, g), ir.VectorType(ir.HalfType(), 16).as_pointer())
             xrows, crows = rows(xa, t0, n, _i32), rows(ca, t0, n, _i32)
             srows = rows(sa, t0, n, _f32)
-            q_next, h_next = addr(qa, builder.add(r0, c64(16))), addr(ha, builder.add(r0, c64(16)))
-            q_share = builder.sdiv(builder.mul(builder.extract_value(qa.strides, 0), c64(16)), nblk)
-            h_share = builder.sdiv(builder.mul(builder.extract_value(ha.strides, 0), c64(16)), nblk)
             pre = builder.basic_block
             loop, done = builder.append_basic_block("tile.loop"), builder.append_basic_block("tile.done")
             builder.cbranch(builder.icmp_signed(">", nblk, c64(0)), loop, done)
@@ -432,19 +467,14 @@ def _tile16(n):
             b = builder.phi(i64)
             b.add_incoming(c64(0), pre)
             accs = [builder.phi(vt) for _ in range(n)]
-            hint = [ir.Constant(_i32, 0), ir.Constant(_i32, 2), ir.Constant(_i32, 1)]  # read, to L2, data
-            at = builder.add(q_next, builder.mul(b, q_share))
-            for i in range(_PREFETCH_LINES):
-                builder.call(prefetch, [builder.inttoptr(builder.add(at, c64(64 * i)), i8p), *hint])
-            builder.call(prefetch, [builder.inttoptr(builder.add(h_next, builder.mul(b, h_share)), i8p), *hint])
-            off = builder.mul(b, c64(8))                       # block b's first int32 in a row
-            V = []
-            for k in range(8):  # vector k: rows k (lanes 0-7) and k + 8 (lanes 8-15)
-                lo, hi = (builder.load(builder.bitcast(builder.gep(qrows[r], [off]), _V8I32.as_pointer()), align=1)
-                          for r in (k, k + 8))
-                V.append(builder.shuffle_vector(lo, hi, ir.Constant(_V16I32, list(range(16)))))
-            W = [builder.xor(v, flip) for v in butterflies(V, (1, 2, 4), 8)]   # W[j]: bytes 4j.. of each row
-            ds = builder.load(builder.gep(dsp, [b]), align=4)
+            # the block's 8 vectors, and a prefetch of the lines 4 KB on (past a group's end:
+            # the next group's, harmless past the array's): ~15% faster on one core
+            vec = lambda k: builder.gep(qp, [builder.add(builder.mul(b, c64(8)), c64(k))])  # noqa: E731
+            for k in range(8):
+                builder.call(prefetch, [builder.bitcast(vec(k + _AHEAD), i8p), *hint])
+            W = [builder.load(vec(k), align=1) for k in range(8)]
+            ds = builder.fpext(builder.load(builder.gep(hp, [b]), align=2), _V16F)
+            off = builder.mul(b, c64(8))                       # block b's first int32 in a token's row
             nxt = []
             for i in range(n):
                 xs = [splat(builder.load(builder.gep(xrows[i], [builder.add(off, c64(j))]))) for j in range(8)]
@@ -485,51 +515,34 @@ _tile1, _tile2, _tile4, _tile8 = (_tile16(n) for n in (1, 2, 4, 8))
 
 
 @njit(parallel=True, fastmath=True, **_JIT)
-def _matmul_tiles(q, d, XQ, XC, XS, out, zero, most):
-    # q [R, C] int8, d [R, C/32] fp16 bits; XQ [T, C] int8 activations with block scales
-    # XS [T, C/32] and XC = 128 * block sums (see _tile16) -> out [T, R], in the type of `zero`.
-    # One task per group of 16 rows (a last partial group runs on a zero-padded copy); tokens
-    # in passes of `most` (8; 4 in float64, whose accumulators take twice the registers), then
-    # 4, 2, 1.
-    R, C = q.shape
+def _matmul_tiles(tq, td, rows, XQ, XC, XS, out, zero, most):
+    # tq, td: a Q8Tiles of `rows` rows; XQ [T, C] int8 activations with block scales XS [T, C/32]
+    # and XC = 128 * block sums (see _tile16) -> out [T, rows], in the type of `zero`. One task
+    # per group of 16 rows; tokens in passes of `most` (8; 4 in float64, whose accumulators take
+    # twice the registers), then 4, 2, 1.
     T = XQ.shape[0]
-    nblk = d.shape[1]
-    for g in prange((R + _GROUP - 1) // _GROUP):
+    for g in prange(tq.shape[0]):
         r0 = g * _GROUP
-        rows = min(_GROUP, R - r0)
-        DS = np.empty((nblk, _GROUP), np.float32)
+        n_rows = min(_GROUP, rows - r0)
         OUT = np.empty((8, _GROUP), out.dtype)
-        if rows == _GROUP:
-            qg, dg, rr = q, d, r0
-        else:
-            qg = np.zeros((_GROUP, C), np.int8)
-            dg = np.zeros((_GROUP, nblk), np.uint16)
-            for r in range(rows):
-                qg[r] = q[r0 + r]
-                dg[r] = d[r0 + r]
-            rr = 0
-        for b in range(nblk - nblk % 16, nblk):  # the scales the intrinsic does not transpose
-            for r in range(_GROUP):
-                DS[b, r] = f16_bits_to_f32(dg[rr + r, b])
-        fill, t = 1, 0
+        t = 0
         while t < T:
             left = T - t
             if left >= 8 and most == 8:
-                _tile8(qg, dg, XQ, XC, XS, DS, OUT, rr, t, fill, zero)
+                _tile8(tq, td, XQ, XC, XS, OUT, g, t, zero)
                 n = 8
             elif left >= 4:
-                _tile4(qg, dg, XQ, XC, XS, DS, OUT, rr, t, fill, zero)
+                _tile4(tq, td, XQ, XC, XS, OUT, g, t, zero)
                 n = 4
             elif left >= 2:
-                _tile2(qg, dg, XQ, XC, XS, DS, OUT, rr, t, fill, zero)
+                _tile2(tq, td, XQ, XC, XS, OUT, g, t, zero)
                 n = 2
             else:
-                _tile1(qg, dg, XQ, XC, XS, DS, OUT, rr, t, fill, zero)
+                _tile1(tq, td, XQ, XC, XS, OUT, g, t, zero)
                 n = 1
             for i in range(n):
-                for r in range(rows):
+                for r in range(n_rows):
                     out[t + i, r0 + r] = OUT[i, r]
-            fill = 0
             t += n
 
 
@@ -608,28 +621,37 @@ def _pad_cols(X: np.ndarray, cols_padded: int) -> np.ndarray:
     return P
 
 
-def _vnni_products(w: Q8Tensor, Xp: np.ndarray, out: np.ndarray, zero) -> None:
+def _vnni_products(w: Q8Tiles, Xp: np.ndarray, out: np.ndarray, zero) -> None:
     """Xp [T, cols_padded] f32 -> out [T, rows] with Q8_0 activations; each row of out is the
     same whatever T and whatever the other rows (see _tile16)."""
     XQ, XC, XS = _q8_activations(Xp)
-    _matmul_tiles(w.q, w.d, XQ, XC, XS, out, zero, 4 if out.dtype == np.float64 else 8)
+    _matmul_tiles(w.q, w.d, w.rows, XQ, XC, XS, out, zero, 4 if out.dtype == np.float64 else 8)
 
 
-def matvec(w: Q8Tensor, x: np.ndarray, vnni: bool | None = None, acc64: bool = False) -> np.ndarray:
-    """W[rows, cols] @ x[cols] -> [rows] (int8 activations on VNNI CPUs). acc64: sum in float64
-    and return float64 (see matmul)."""
+def runnable(w):
+    """A weight in the form this host's kernels run: Q8_0 repacked into tiles on VNNI CPUs
+    (done once, when a node's slices are built), anything else as it is."""
+    return tiles(w) if VNNI and isinstance(w, Q8Tensor) else w
+
+
+def matvec(w, x: np.ndarray, vnni: bool | None = None, acc64: bool = False) -> np.ndarray:
+    """W[rows, cols] @ x[cols] -> [rows] (int8 activations on VNNI CPUs; a Q8Tensor is repacked
+    into tiles for the call: hold runnable(w) to pay that once). acc64: sum in float64 and
+    return float64 (see matmul)."""
     zero = np.float64(0.0) if acc64 else np.float32(0.0)
-    out = np.empty(w.q.shape[0], zero.dtype)
-    x = _pad_cols(x, w.q.shape[1])
-    if not (VNNI if vnni is None else vnni):
+    rows, cp = (w.rows, w.d.shape[1] * QK) if isinstance(w, Q8Tiles) else w.q.shape
+    out = np.empty(rows, zero.dtype)
+    x = _pad_cols(x, cp)
+    if isinstance(w, Q8Tensor) and not (VNNI if vnni is None else vnni):
         _matvec(w.q, w.d, x, out, zero)
     else:
-        _vnni_products(w, x[None, :], out[None, :], zero)
+        _vnni_products(w if isinstance(w, Q8Tiles) else tiles(w), x[None, :], out[None, :], zero)
     return out
 
 
 def matmul(w, X: np.ndarray, acc64: bool = False) -> np.ndarray:
-    """X[T, cols] @ W[rows, cols]^T -> [T, rows]. W is a Q8Tensor or a float32 array.
+    """X[T, cols] @ W[rows, cols]^T -> [T, rows]. W is a Q8Tiles (VNNI CPUs), a Q8Tensor or a
+    float32 array.
 
     acc64=True sums in float64 and returns float64: for the column-sliced matrices (Wo, Wdown),
     whose slices' partial sums the caller adds. Each element's product is the same whatever
@@ -642,19 +664,21 @@ def matmul(w, X: np.ndarray, acc64: bool = False) -> np.ndarray:
     T in 2..31 goes through the 4-token float kernel and T >= 32 through SGEMM with float32
     activations: close to matvec, not equal."""
     T = X.shape[0]
-    if not isinstance(w, Q8Tensor):
+    if not isinstance(w, (Q8Tensor, Q8Tiles)):
         if acc64:
             return X.astype(np.float64) @ w.T.astype(np.float64)
         return np.ascontiguousarray(X, dtype=np.float32) @ w.T
     if T == 1:
         return matvec(w, X[0], acc64=acc64)[None, :]
     zero = np.float64(0.0) if acc64 else np.float32(0.0)
+    if isinstance(w, Q8Tiles) or VNNI:  # every row read once from RAM, T tokens' int8 dots on it
+        w = w if isinstance(w, Q8Tiles) else tiles(w)   # (faster than SGEMM at any T: 2x at T =
+        out = np.empty((T, w.rows), zero.dtype)          # 512, bench/kernels.py)
+        _vnni_products(w, _pad_cols(X, w.d.shape[1] * QK), out, zero)
+        return out
     Xp = _pad_cols(X, w.q.shape[1])
     R = w.q.shape[0]
     out = np.empty((T, R), zero.dtype)
-    if VNNI:  # every row read once from RAM, T tokens' int8 dots on it (faster than SGEMM at
-        _vnni_products(w, Xp, out, zero)  # any T: 2x at T = 512, bench/kernels.py)
-        return out
     if T >= _GEMM_MIN_T:
         _gemm(w.q, w.d, Xp.astype(zero.dtype), out)
         return out
@@ -677,7 +701,7 @@ def measure_speed(cpu_quota: float | None = None) -> float:
     taken from the CPU time instead: bytes per CPU-second x the cores the quota allows."""
     import time
     w0 = quantize(np.linspace(-1, 1, 8192 * 4096, dtype=np.float32).reshape(8192, 4096))
-    ws = [w0] + [Q8Tensor(w0.q.copy(), w0.d.copy(), w0.cols) for _ in range(2)]
+    ws = [runnable(Q8Tensor(w0.q.copy(), w0.d.copy(), w0.cols)) for _ in range(3)]
     x = np.ones(4096, np.float32)
     matvec(ws[0], x)
     ts = []

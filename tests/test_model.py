@@ -41,7 +41,7 @@ def test_f32_logits_match_float64_reference_batch_and_incremental(f32, story_ids
     assert np.abs(step - ref).max() <= 1e-4
 
 
-def test_q8_0_logits_match_reference_of_quantized_weights(q8, story_ids, monkeypatch):
+def test_q8_0_logits_match_reference_of_quantized_weights(story_ids, monkeypatch):
     """The same maths with Q8_0 round-tripped weights in float64: differences only from f32
     sums. Our embedding lookup is Q8_0 as well (llama.cpp quantizes token_embd too), and Wo is
     quantized head by head when head_dim (8 here) is not a multiple of 32. The float kernels
@@ -49,7 +49,8 @@ def test_q8_0_logits_match_reference_of_quantized_weights(q8, story_ids, monkeyp
     own float64 reference in test_quant and here by top-1 agreement and perplexity."""
     from quant import q8_0 as Q
     from reference import load_hf_llama_f64
-    monkeypatch.setattr(Q, "VNNI", False)
+    monkeypatch.setattr(Q, "VNNI", False)  # loaded after: weights stay row-major Q8Tensors
+    q8 = Model.load(STORIES, fmt="q8_0", kv_dtype="f32")
     ids = story_ids[:64]
     cfg, w = load_hf_llama_f64(STORIES)
     hd = cfg["head_dim"]

@@ -193,3 +193,17 @@ def test_bf16_conversion_kernels_round_to_nearest_even():
                         np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -1 - 2 ** -8, 1e-40], np.float32)])
     assert np.array_equal(from_bf16(to_bf16(a)), bf16_round_ref(a).astype(np.float32))
 
+
+
+def test_tiles_hold_the_same_weights():
+    """The VNNI layout (16-row groups, rows padded) gives back the row-major tensor exactly, and
+    the embedding lookup of tied weights reads the same rows from either."""
+    rng = np.random.default_rng(5)
+    for rows, cols in [(1, 32), (37, 100), (64, 256)]:
+        w = Q.quantize(rng.standard_normal((rows, cols)).astype(np.float32))
+        t = Q.tiles(w)
+        assert t.shape == w.shape and t.q.shape[0] == -(-rows // 16)
+        back = Q.untiled(t)
+        assert np.array_equal(back.q, w.q) and np.array_equal(back.d, w.d) and back.cols == w.cols
+        idx = np.array([rows - 1, 0, rows // 2])
+        assert np.array_equal(Q.dequantize(t, idx), Q.dequantize(w, idx))

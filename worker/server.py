@@ -119,6 +119,8 @@ class Worker(rpc.WorkerServicer):
         try:
             cfg, shard = self.upload_plan(h)
             tensors, received, cached = self.receive(request_iterator, context, h, cfg, shard, watch)
+            for name in tensors:  # held as the kernels run them, one copy shared by the sessions
+                tensors[name] = q8_0.runnable(tensors[name])
             SliceSet.from_tensors(cfg, shard, tensors, 1, "f32")
         except (UserError, WireError, KeyError, ValueError, json.JSONDecodeError) as e:
             self.unreserve(h.total_bytes)
@@ -486,7 +488,7 @@ def warm_up() -> None:
                                  "num_attention_heads": 2, "num_key_value_heads": 1,
                                  "vocab_size": 64, "max_position_embeddings": 40}, "warm-up")
     rng = np.random.default_rng(0)
-    w = lambda r, c: q8_0.quantize(rng.standard_normal((r, c)).astype(np.float32))  # noqa: E731
+    w = lambda r, c: q8_0.runnable(q8_0.quantize(rng.standard_normal((r, c)).astype(np.float32)))  # noqa: E731
     d = cfg.head_dim
     tensors = {"layers.0.wqkv": w(4 * d, 64), "layers.0.wo": w(64, 2 * d), "layers.0.wgu": w(256, 64),
                "layers.0.wdown": w(64, 128), "classifier": w(64, 64)}
