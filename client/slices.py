@@ -196,7 +196,7 @@ def shard_nbytes(cfg: LlamaConfig, shard: Shard, fmt="q8_0", ctx: int = 0, kv_dt
     """Bytes a node holding `shard` needs for its weights (and, given ctx, its KV caches: one per
     sequence slot),
     from the shapes alone: for planning and memory checks before anything is loaded."""
-    weights = sum(q8.nbytes(r, c, fmt) for r, c in shard_shapes(cfg, shard, fmt).values())
+    weights = sum(q8.nbytes(r, c, fmt, held=True) for r, c in shard_shapes(cfg, shard, fmt).values())
     nq = shard.heads[1] - shard.heads[0]
     nkv = (lambda k: k[1] - k[0])(kv_range(cfg, shard.heads)) if nq else 0
     kv = 2 * slots * nkv * ctx * cfg.head_dim * np.dtype(KV_DTYPES[kv_dtype]).itemsize

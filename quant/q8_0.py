@@ -159,13 +159,13 @@ def padded(cols: int) -> int:
     return (cols + QK - 1) // QK * QK
 
 
-def nbytes(rows: int, cols: int, fmt: str = "q8_0") -> int:
-    """Bytes of a [rows, cols] weight as a node holds it: Q8_0 (int8 quants of the padded row,
-    then one fp16 scale per block of 32; on VNNI CPUs rows padded to a multiple of 16, see
-    Q8Tiles) or f32."""
+def nbytes(rows: int, cols: int, fmt: str = "q8_0", held: bool = False) -> int:
+    """Bytes of a [rows, cols] weight as Q8_0 (int8 quants of the padded row, then one fp16
+    scale per block of 32) or as f32. held: as this host's kernels hold it (on VNNI CPUs rows
+    padded to a multiple of 16, see Q8Tiles), not as uploads and caches carry it."""
     if fmt != "q8_0":
         return rows * cols * 4
-    if VNNI:
+    if held and VNNI:
         rows = -(-rows // _GROUP) * _GROUP
     return rows * padded(cols) // QK * (QK + 2)
 
