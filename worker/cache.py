@@ -3,9 +3,13 @@ and on disk under a cache directory, so that a client reconnecting with the same
 sends hashes instead of gigabytes.
 
     cache = TensorCache(Path("~/.cache/tensorlan/slices").expanduser(), limit_bytes=20e9)
-    cache.has(digest)           in memory or on disk?
-    cache.get(digest, nbytes)   the bytes as a uint8 array, or None
-    cache.put(digest, buf)      keep them (written to a temporary file, then renamed)
+    cache.has(digest)               in memory or on disk?
+    cache.held(digest)              the tensor as the slice sets using it hold it, or None
+    cache.get(digest, nbytes)       the bytes from disk as a uint8 array, or None
+    cache.put(digest, buf, tensor)  keep them (written to a temporary file, then renamed); tensor:
+                                    what the worker made of them, returned (see keep)
+    cache.keep(digest, tensor)      remember a tensor while something holds it (kernels hold
+                                    weights repacked, not the bytes that came: see q8_0.Q8Tiles)
 
 The directory is bounded: before a file is added, the least recently used files go until the
 rest fit (a file's modification time is refreshed whenever it is used). With root=None (the
@@ -48,14 +52,19 @@ class TensorCache:
                 return True
         return self.root is not None and self._path(digest).is_file()
 
-    def get(self, digest: bytes, nbytes: int) -> np.ndarray | None:
-        """The tensor's bytes: shared with the slice sets already using them, else read from
-        disk into a fresh array (numpy asks for huge pages on large arrays: faster matvecs than
-        a file mapping)."""
+    def held(self, digest: bytes):
+        """The tensor made of these bytes, shared with the slice sets already using it."""
         with self.lock:
-            buf = self.resident.get(digest)
-        if buf is not None:
-            return buf
+            return self.resident.get(digest)
+
+    def keep(self, digest: bytes, tensor):
+        with self.lock:
+            self.resident[digest] = tensor
+        return tensor
+
+    def get(self, digest: bytes, nbytes: int) -> np.ndarray | None:
+        """The tensor's bytes read from disk into a fresh array (numpy asks for huge pages on
+        large arrays: faster matvecs than a file mapping)."""
         if self.root is None:
             return None
         path = self._path(digest)
@@ -73,19 +82,16 @@ class TensorCache:
             os.utime(path)  # recently used: evicted last
         except OSError:
             return None
-        with self.lock:
-            self.resident[digest] = buf
         return buf
 
-    def put(self, digest: bytes, buf: np.ndarray) -> None:
-        with self.lock:
-            self.resident[digest] = buf
+    def put(self, digest: bytes, buf: np.ndarray, tensor=None):
+        self.keep(digest, buf if tensor is None else tensor)
         if self.root is None or buf.nbytes > self.limit:
-            return
+            return tensor
         path = self._path(digest)
         if path.is_file():
             os.utime(path)
-            return
+            return tensor
         self._evict(self.limit - buf.nbytes)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
@@ -95,6 +101,7 @@ class TensorCache:
         except OSError as e:  # a full disk costs the cache, not the upload
             log.warning("cache: cannot write %s (%s)", path, e.strerror or e)
             tmp.unlink(missing_ok=True)
+        return tensor
 
     def _evict(self, room: int) -> None:
         """Delete the least recently used files until the rest take at most `room` bytes."""

@@ -119,8 +119,6 @@ class Worker(rpc.WorkerServicer):
         try:
             cfg, shard = self.upload_plan(h)
             tensors, received, cached = self.receive(request_iterator, context, h, cfg, shard, watch)
-            for name in tensors:  # held as the kernels run them, one copy shared by the sessions
-                tensors[name] = q8_0.runnable(tensors[name])
             SliceSet.from_tensors(cfg, shard, tensors, 1, "f32")
         except (UserError, WireError, KeyError, ValueError, json.JSONDecodeError) as e:
             self.unreserve(h.total_bytes)
@@ -222,11 +220,14 @@ class Worker(rpc.WorkerServicer):
                 if announced > h.total_bytes:
                     raise WireError(f"tensors beyond the {h.total_bytes} bytes the header announced")
                 if info.cached:
-                    data = self.cache.get(info.sha256, nbytes)
-                    if data is None:
-                        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                      f"tensor {info.name} ({info.sha256.hex()[:16]}) is not cached here")
-                    tensors[info.name] = unpack_tensor(info, data, verify=False)
+                    t = self.cache.held(info.sha256)
+                    if t is None:
+                        data = self.cache.get(info.sha256, nbytes)
+                        if data is None:
+                            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                          f"tensor {info.name} ({info.sha256.hex()[:16]}) is not cached here")
+                        t = self.cache.keep(info.sha256, q8_0.runnable(unpack_tensor(info, data, verify=False)))
+                    tensors[info.name] = t
                     cached += nbytes
                     continue
                 # numpy buffers, not bytearrays: numpy advises transparent huge pages for large
@@ -241,9 +242,9 @@ class Worker(rpc.WorkerServicer):
                 received += len(data)
             else:
                 raise WireError("an upload chunk with no header, tensor or data")
-            if filled == buf.nbytes:
-                tensors[info.name] = unpack_tensor(info, buf)  # checks the sha256
-                self.cache.put(info.sha256, buf)
+            if filled == buf.nbytes:  # held as the kernels run it, one copy for all sessions
+                tensors[info.name] = self.cache.put(info.sha256, buf, q8_0.runnable(
+                    unpack_tensor(info, buf)))  # (unpack_tensor checks the sha256)
                 buf = None
         if buf is not None:
             raise WireError(f"upload ended inside tensor {info.name}")
