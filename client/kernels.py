@@ -10,7 +10,7 @@ from numba.extending import overload
 from quant.q8_0 import bf16_bits_to_f32, f32_to_bf16_bits
 
 # fast-math without reassociation: sums keep their written order (see attention)
-_JIT = dict(cache=True, nogil=True, fastmath={"nsz", "arcp", "contract", "afn"})
+_JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"nsz", "arcp", "contract", "afn"})
 
 
 @njit(**_JIT)
@@ -30,13 +30,16 @@ def rmsnorm(x, w, eps):
 
 @njit(**_JIT)
 def swiglu(gu, F):
-    # gu [T, 2F] = [gate | up] -> silu(gate) * up  [T, F]
+    # gu [T, 2F] = [gate | up] -> silu(gate) * up = gate / (1 + exp(-gate)) * up  [T, F]
     T = gu.shape[0]
     out = np.empty((T, F), np.float32)
+    e = np.empty(F, np.float32)
     for t in range(T):
         for i in range(F):
-            g = gu[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * gu[t, F + i]
+            e[i] = -gu[t, i]
+        _exp(e)  # vectorized (libm's expf, one call per element, cost ~8x more)
+        for i in range(F):
+            out[t, i] = gu[t, i] / (np.float32(1.0) + e[i]) * gu[t, F + i]
     return out
 
 
@@ -73,14 +76,16 @@ def _max(x):
 
 
 @njit(**_JIT)
-def _exp_nonpositive(x):
-    """x <- exp(x) in place for x <= 0 (softmax arguments), in two elementwise loops that
-    vectorize (a libm call per element cost a quarter of attention): x = k ln2 + r with
-    |r| <= ln2/2, exp(r) by Cephes' expf polynomial (about 1 ulp), then k added to the exponent
-    bits. x below -87 gives exp(-87) ~ 1.6e-38 rather than smaller: nothing beside the max's 1."""
+def _exp(x):
+    """x <- exp(x) in place, in two elementwise loops that vectorize (a libm call per element
+    cost a quarter of attention): x = k ln2 + r with |r| <= ln2/2, exp(r) by Cephes' expf
+    polynomial (about 1 ulp), then k added to the exponent bits. x is clamped to [-87, 88]:
+    below, exp(-87) ~ 1.6e-38 rather than smaller (softmax: nothing beside the max's 1; SwiGLU:
+    g / (1 + 1.6e-38) = g); above, exp(88) ~ 1.7e38 rather than larger (SwiGLU: g / 1.7e38
+    with g <= -88 is -0 or a denormal, as g / inf gives -0)."""
     k = np.empty(x.shape[0], np.int32)
     for i in range(x.shape[0]):
-        v = max(x[i], np.float32(-87.0))
+        v = min(max(x[i], np.float32(-87.0)), np.float32(88.0))
         kf = np.floor(v * np.float32(1.44269504) + np.float32(0.5))
         r = v - kf * np.float32(0.693359375) + kf * np.float32(2.12194440e-4)
         p = np.float32(1.9875691500e-4)
@@ -148,7 +153,7 @@ def attention(qkv, pos, slot, cos, sin, kc, vc, kv_of_q, nq):
         m = _max(score)
         for p in range(n):
             score[p] = (score[p] - m) * scale
-        _exp_nonpositive(score)
+        _exp(score)
         total = np.float32(0.0)
         for p in range(n):
             total += score[p]

@@ -68,15 +68,30 @@ def test_attention_matches_float64_reference(kv_dtype):
         assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
 
 
-def test_exp_of_softmax_arguments_within_two_half_ulps():
-    x = np.concatenate([np.linspace(-87, 0, 200001), [-1e-30, 0.0]]).astype(np.float32)
+def test_exp_within_two_half_ulps_over_its_range():
+    x = np.concatenate([np.linspace(-87, 88, 350001), [-1e-30, 0.0, 1e-30]]).astype(np.float32)
     y = x.copy()
-    kernels._exp_nonpositive(y)
+    kernels._exp(y)
     want = np.exp(x.astype(np.float64))
     assert np.all(np.abs(y - want) <= 2 * 2.0 ** -24 * want)
     y = np.array([-100, -1e30, -np.inf], np.float32)
-    kernels._exp_nonpositive(y)
+    kernels._exp(y)
     assert np.all((y > 0) & (y < 2e-38))  # clamped far below anything a softmax keeps
+    y = np.array([89, 1e30, np.inf], np.float32)
+    kernels._exp(y)
+    assert np.all(np.isfinite(y) & (y > 1e38))  # clamped: finite, so g / (1 + e) stays a number
+
+
+def test_swiglu_matches_float64_reference():
+    rng = np.random.default_rng(3)
+    F = 1000
+    gu = (rng.standard_normal((3, 2 * F)) * 6).astype(np.float32)
+    gu[0, :4] = [-200.0, -90.0, 90.0, 0.0]   # past the exp's clamps both ways, and zero
+    g, u = gu[:, :F].astype(np.float64), gu[:, F:].astype(np.float64)
+    want = g / (1.0 + np.exp(-g)) * u
+    got = kernels.swiglu(gu, F)
+    assert got.dtype == np.float32 and got.shape == (3, F)
+    assert np.all(np.abs(got - want) <= 1e-6 * np.abs(want) + 1e-30)
 
 
 def test_attention_bits_do_not_depend_on_how_numba_built_it(tmp_path):
