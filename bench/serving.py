@@ -16,7 +16,8 @@ the model's own vocabulary. Output: a table on stdout, CSV / JSON (and, for mari
 maritalk: for each concurrency c, n-repeats rounds of c simultaneous requests. Per request:
   generated tok/s = completion tokens / request time; total tok/s = (prompt + completion) / time;
   mean, median and std over the requests; system tok/s = completion tokens of a round / the
-  round's wall time (median over rounds).
+  round's wall time (median over rounds). Rounds are interleaved across the levels and each
+  level's speedup is the median of its per-round ratios to the first level (drift cancels).
 jetstream: num-prompts requests (input and output lengths drawn around the given means) arrive
   as a Poisson process of the given rate (0 = all at once). Reported: request throughput,
   input and output tok/s, and mean / median / p99 time to first token (TTFT) and time per
@@ -166,31 +167,32 @@ def run_concurrently(url: str, jobs: list[tuple[float, str, int]]) -> list[dict]
 # ---------------------------------------------------------------------------------------------
 def maritalk(url: str, model_dir: Path, levels: list[int], repeats: int, prompt_size: int,
              max_tokens: int, label: str, out_dir: Path) -> list[dict]:
-    rows = []
-    for c in levels:
-        gen, total, system = [], [], []
-        for rep in range(repeats):
+    """Rounds interleaved (round 1 of every level, then round 2, ...) so that the machine's
+    drift falls on every level alike; a level's speedup is the median over rounds of its system
+    tok/s over the first level's in the same round."""
+    gen, total, system = ({c: [] for c in levels} for _ in range(3))
+    for rep in range(repeats):
+        for c in levels:
             prompts = prompt_texts(model_dir, [prompt_size] * c, seed=1000 * c + rep)
             t0 = time.perf_counter()
             res = run_concurrently(url, [(0.0, p, max_tokens) for p in prompts])
             wall = time.perf_counter() - t0
             for r in res:
                 dt = r["end"] - r["start"]
-                gen.append(r["completion_tokens"] / dt)
-                total.append((r["prompt_tokens"] + r["completion_tokens"]) / dt)
-            system.append(sum(r["completion_tokens"] for r in res) / wall)
-            print(f"  [{label}] concurrency {c} round {rep + 1}/{repeats}: {system[-1]:.2f} tok/s "
+                gen[c].append(r["completion_tokens"] / dt)
+                total[c].append((r["prompt_tokens"] + r["completion_tokens"]) / dt)
+            system[c].append(sum(r["completion_tokens"] for r in res) / wall)
+            print(f"  [{label}] round {rep + 1}/{repeats} concurrency {c}: {system[c][-1]:.2f} tok/s "
                   f"in {wall:.1f} s", file=sys.stderr, flush=True)
-        rows.append({"config": label, "concurrency": c, "requests": len(gen),
-                     "gen_tok_s_mean": statistics.mean(gen), "gen_tok_s_median": statistics.median(gen),
-                     "gen_tok_s_std": statistics.pstdev(gen), "total_tok_s_mean": statistics.mean(total),
-                     "total_tok_s_median": statistics.median(total),
-                     "total_tok_s_std": statistics.pstdev(total),
-                     "system_tok_s": statistics.median(system)})
-    base = rows[0]["system_tok_s"]
-    for r in rows:
-        r["system_vs_c1"] = r["system_tok_s"] / base
-    return rows
+    base = system[levels[0]]
+    return [{"config": label, "concurrency": c, "requests": len(gen[c]),
+             "gen_tok_s_mean": statistics.mean(gen[c]), "gen_tok_s_median": statistics.median(gen[c]),
+             "gen_tok_s_std": statistics.pstdev(gen[c]), "total_tok_s_mean": statistics.mean(total[c]),
+             "total_tok_s_median": statistics.median(total[c]),
+             "total_tok_s_std": statistics.pstdev(total[c]),
+             "system_tok_s": statistics.median(system[c]),
+             "system_vs_c1": statistics.median([x / b for x, b in zip(system[c], base)])}
+            for c in levels]
 
 
 def plot_maritalk(rows: list[dict], path: Path, title: str) -> None:
