@@ -460,7 +460,7 @@ class Worker(rpc.WorkerServicer):
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"step {op}: x holds NaN or infinity")
         try:
             y = slices.run(op, req.layer, x, segs)
-        except ArithmeticError as e:  # Numba's kernels raise on a NaN divisor (e.g. after an overflow)
+        except ArithmeticError as e:  # a Numba kernel with Python's error model (quant) raises on a zero divisor
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"step {op}: {e} (activations too large?)")
         return np.zeros(x.shape, np.float64) if y is None else y
 
