@@ -409,7 +409,8 @@ def untiled(w: Q8Tiles, rows: np.ndarray | None = None) -> Q8Tensor:
 
 def _tile16(n):
     """An intrinsic f(tq, td, XQ, XC, XS, OUT, g, t0, zero) -> 0: the dot products of the 16 rows
-    of group g of a Q8Tiles with tokens t0 .. t0 + n - 1, into OUT [n, 16] (type of `zero`).
+    of group g of a Q8Tiles with tokens t0 .. t0 + n - 1, into OUT[i, 0:16] for i < n (type of
+    `zero`; OUT's last axis contiguous, e.g. a view of the output at the group's first row).
 
     Per block b: the 8 vectors of the block (see Q8Tiles), then per token 8 vpdpbusd with that
     token's 4 activation bytes broadcast (signed) give the 16 rows' exact int32 block dots at
@@ -502,7 +503,8 @@ def _tile16(n):
                 r.add_incoming(zero_f, pre)
                 r.add_incoming(a2, loop)
             for i, r in enumerate(res):
-                builder.store(r, builder.inttoptr(addr(oa, c64(i)), vt.as_pointer()), align=8)
+                builder.store(r, builder.inttoptr(addr(oa, c64(i)), vt.as_pointer()),
+                              align=8 if wide else 4)  # rows of out: element-aligned only
             return c64(0)
 
         return sig, codegen
@@ -513,36 +515,43 @@ def _tile16(n):
 _tile1, _tile2, _tile4, _tile8 = (_tile16(n) for n in (1, 2, 4, 8))
 
 
-@njit(parallel=True, fastmath=True, **_JIT)
+@njit(inline="always")
+def _group_into(tq, td, XQ, XC, XS, dst, g, zero, most):
+    # the 16 rows of group g for every token t into dst[t, 0:16]; tokens in passes of `most` (8;
+    # 4 in float64, whose accumulators take twice the registers), then 4, 2, 1
+    T = XQ.shape[0]
+    t = 0
+    while t < T:
+        left = T - t
+        if left >= 8 and most == 8:
+            _tile8(tq, td, XQ, XC, XS, dst[t:], g, t, zero)
+            t += 8
+        elif left >= 4:
+            _tile4(tq, td, XQ, XC, XS, dst[t:], g, t, zero)
+            t += 4
+        elif left >= 2:
+            _tile2(tq, td, XQ, XC, XS, dst[t:], g, t, zero)
+            t += 2
+        else:
+            _tile1(tq, td, XQ, XC, XS, dst[t:], g, t, zero)
+            t += 1
+
+
+@njit(parallel=True, **_JIT)
 def _matmul_tiles(tq, td, rows, XQ, XC, XS, out, zero, most):
     # tq, td: a Q8Tiles of `rows` rows; XQ [T, C] int8 activations with block scales XS [T, C/32]
     # and XC = -128 * block sums (see _tile16) -> out [T, rows], in the type of `zero`. One task
-    # per group of 16 rows; tokens in passes of `most` (8; 4 in float64, whose accumulators take
-    # twice the registers), then 4, 2, 1.
+    # per group of 16 rows, whose sums go straight into out (a buffer and a copy per group cost
+    # ~36 ns a group, ~1 ms of CPU a TinyLlama token); the last group, if short, through a buffer.
     T = XQ.shape[0]
     for g in prange(tq.shape[0]):
         r0 = g * _GROUP
-        n_rows = min(_GROUP, rows - r0)
-        OUT = np.empty((8, _GROUP), out.dtype)
-        t = 0
-        while t < T:
-            left = T - t
-            if left >= 8 and most == 8:
-                _tile8(tq, td, XQ, XC, XS, OUT, g, t, zero)
-                n = 8
-            elif left >= 4:
-                _tile4(tq, td, XQ, XC, XS, OUT, g, t, zero)
-                n = 4
-            elif left >= 2:
-                _tile2(tq, td, XQ, XC, XS, OUT, g, t, zero)
-                n = 2
-            else:
-                _tile1(tq, td, XQ, XC, XS, OUT, g, t, zero)
-                n = 1
-            for i in range(n):
-                for r in range(n_rows):
-                    out[t + i, r0 + r] = OUT[i, r]
-            t += n
+        if rows - r0 >= _GROUP:
+            _group_into(tq, td, XQ, XC, XS, out[:, r0:], g, zero, most)
+        else:
+            buf = np.empty((T, _GROUP), out.dtype)
+            _group_into(tq, td, XQ, XC, XS, buf, g, zero, most)
+            out[:, r0:] = buf[:, :rows - r0]
 
 
 @njit(**_JIT)
