@@ -128,9 +128,10 @@ def test_one_token_kernels(vnni, threads, rows, cols):
                                        (20, 172), (50, 5632)])
 def test_small_batch_rows_equal_one_token(vnni, acc64, rows, cols, monkeypatch):
     """Continuous batching: on VNNI CPUs row t of matmul(w, X) is bit for bit matvec(w, X[t]),
-    whatever the other rows (rows not a multiple of 16: a padded last group; 288, 96, 480,
-    172: block counts not a multiple of 16, whose last scales the caller converts). Without VNNI the 4-token float kernel runs: close, not equal. Both
-    within float rounding of the float64 product with the activations they multiply by."""
+    whatever the other rows (rows not a multiple of 16: a short last group, written through a
+    buffer; odd block counts too). Without VNNI the 4-token float kernel runs: close, not
+    equal. Both within float rounding of the float64 product with the activations they
+    multiply by."""
     monkeypatch.setattr(Q, "VNNI", vnni)
     w_src = _hard_rows(rows, cols)
     w = Q.quantize(w_src)
