@@ -256,6 +256,8 @@ class RemoteNode:
         try:
             sock = socket.create_connection((self.host, self.info.data_port), timeout=HELLO_TIMEOUT)
         except OSError as e:
+            if not self._accepts_tcp():  # its gRPC port is gone too: it died since the handshake
+                raise NodeLost(self, f"step channel: {e.strerror or e}")
             raise UserError(f"worker {self.addr}: step channel port {self.info.data_port} "
                             f"unreachable ({e.strerror or e}); open it in the firewall")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

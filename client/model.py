@@ -247,23 +247,23 @@ class Model:
             if not local and not remote:
                 raise UserError("every worker is lost and --no-local keeps this process out: "
                                 "restart the workers, or drop --no-local")
-            if weights is not None and (not remote or len(weights) == local + len(remote)):
-                w = list(weights)  # given (tests: several in-process slice sets)
-            elif remote:
-                w = plan_weights(cfg, fmt, remote, local, src["wire"])
-                self.idle = [r for r, x in zip(remote, w[local:]) if x == 0]
-                for r in self.idle:  # slower to reach than their share of the work would save
-                    r.close()
-                remote = [r for r in remote if r not in self.idle]
-                w = [x for x in w if x > 0]
-            else:
-                w = [1.0]
-            shards = plan_in_memory(src["model_dir"], cfg, w, remote, local, fmt, self.kv_dtype,
-                                    self.ctx, self.slots)
-            if not remote:  # several in-process slice sets: tests of the slicing
-                shards = plan_shards(cfg, w)
-            self.nodes = []  # drop the old slices before building the new
-            try:
+            try:  # (a worker lost while measuring its step cost or taking its shard: left out)
+                if weights is not None and (not remote or len(weights) == local + len(remote)):
+                    w = list(weights)  # given (tests: several in-process slice sets)
+                elif remote:
+                    w = plan_weights(cfg, fmt, remote, local, src["wire"])
+                    self.idle = [r for r, x in zip(remote, w[local:]) if x == 0]
+                    for r in self.idle:  # slower to reach than their share of the work would save
+                        r.close()
+                    remote = [r for r in remote if r not in self.idle]
+                    w = [x for x in w if x > 0]
+                else:
+                    w = [1.0]
+                shards = plan_in_memory(src["model_dir"], cfg, w, remote, local, fmt, self.kv_dtype,
+                                        self.ctx, self.slots)
+                if not remote:  # several in-process slice sets: tests of the slicing
+                    shards = plan_shards(cfg, w)
+                self.nodes = []  # drop the old slices before building the new
                 self.nodes = [self._node(i, sh, remote) for i, sh in enumerate(shards)]
                 return
             except NodeLost as e:

@@ -184,3 +184,24 @@ def test_worker_lost_before_the_first_ping(three, expected, capfd):
     three.procs[1].wait()
     with pytest.raises(UserError, match=r"lost .*--on-worker-loss fail"):
         print_pings(m)
+
+
+def test_step_channel_refused_lost_or_firewalled(three):
+    """A step channel refused after the handshake: lost (NodeLost, planned around) when the
+    worker's gRPC port is gone too, since it died; a firewall message when the worker still
+    answers there. (The CLI run above met the first case as a flaky 'open it in the firewall'.)"""
+    from client.cluster import NodeLost, RemoteNode
+    from cluster_util import free_port
+    alive = RemoteNode(three.addrs[0])
+    alive.hello()
+    alive.info.data_port = free_port()  # nothing listens there: as if a firewall refused it
+    with pytest.raises(UserError, match="open it in the firewall"):
+        alive.connect()
+    dead = RemoteNode(three.addrs[1])
+    dead.hello()
+    three.procs[1].kill()
+    three.procs[1].wait()
+    with pytest.raises(NodeLost, match="step channel"):
+        dead.connect()
+    for n in (alive, dead):
+        n.close()
