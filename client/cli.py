@@ -48,7 +48,7 @@ def _model_options(f):
     f = click.option("--kv-dtype", type=click.Choice(["bf16", "f32"]), default="bf16",
                      show_default=True, help="Storage type of the key/value cache.")(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="Compute threads (default: all cores).")(f)
+                     help="Compute threads (default: all cores, or no more than a CPU quota allows, rounded up).")(f)
     f = click.option("--ctx", type=click.IntRange(min=2), default=None,
                      help="Context length to allocate the KV cache for (default: the model's).")(f)
     f = click.option("--workers", default="", metavar="HOST:PORT[*W],...",
@@ -100,16 +100,16 @@ def _workers(workers: str, cluster_file) -> list:
 def _load(model_dir, weights, kv_dtype, threads, ctx, workers, cluster_file, no_local, no_cache, wire,
           on_worker_loss, token=None, token_file=None, tls_ca=None, tls_cert=None, tls_key=None,
           quiet=False, slots=1, **_):
+    from client.host import default_threads
     from client.model import Model
     from client.progress import Progress
     from proto.security import ClientTLS, resolve_token
     from quant.q8_0 import max_threads, set_threads
 
-    if threads:
-        if threads > max_threads():
-            raise UserError(f"--threads {threads}: at most {max_threads()} here; set "
-                            f"NUMBA_NUM_THREADS={threads} in the environment to allow more")
-        set_threads(threads)
+    if threads and threads > max_threads():
+        raise UserError(f"--threads {threads}: at most {max_threads()} here; set "
+                        f"NUMBA_NUM_THREADS={threads} in the environment to allow more")
+    set_threads(threads or default_threads())
     if (tls_cert or tls_key) and not tls_ca:
         raise UserError("--tls-cert and --tls-key need --tls-ca (the CA of the workers' certificates)")
     token = resolve_token(token, token_file)

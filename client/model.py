@@ -71,7 +71,7 @@ def plan_shards(cfg: LlamaConfig, weights: list[float]) -> list[Shard]:
 
 @functools.lru_cache(maxsize=1)
 def local_speed() -> float:
-    """This host's Q8_0 matvec GB/s, measured once per process (0.15 s): a re-plan after a
+    """This host's Q8_0 matvec GB/s, measured once per process (~0.2 s): a re-plan after a
     worker loss reuses it, as it reuses the workers' figures from their handshake."""
     from quant.q8_0 import measure_speed
     return measure_speed(cpu_quota())

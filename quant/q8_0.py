@@ -700,27 +700,35 @@ def matmul(w, X: np.ndarray, acc64: bool = False) -> np.ndarray:
         out[k:k + n] = o4[:n]
     return out
 
+def _rows(w, r0: int, r1: int):
+    """Rows [r0, r1) of a weight as a view (r0 and r1 multiples of 16 for Q8Tiles)."""
+    if isinstance(w, Q8Tiles):
+        return Q8Tiles(w.q[r0 // _GROUP:r1 // _GROUP], w.d[r0 // _GROUP:r1 // _GROUP], r1 - r0, w.cols)
+    return Q8Tensor(w.q[r0:r1], w.d[r0:r1], w.cols)
+
+
 def measure_speed(cpu_quota: float | None = None) -> float:
-    """GB/s of the one-token kernel streaming 3 x 34 MB (three times a 32 MB L3), the best of 9
-    sweeps (~0.5 s): a node's speed for balancing. The best, not the median: a neighbour busy for
-    part of the probe (a noisy CI host once made a 0.5-core node measure 0.28x its idle
-    neighbour instead of 0.5x) only slows some sweeps. Under a CPU quota (cores, from the cgroup),
-    wall time depends on where each short sweep falls in the quota's period, so the speed is
-    taken from the CPU time instead: bytes per CPU-second x the cores the quota allows."""
+    """GB/s of the one-token kernel over 48 matrices of 2 MB (3 x 34 MB: three times a 32 MB
+    L3), each matrix timed on its own and kept at its best of 9 sweeps (~0.2 s): a node's speed for
+    balancing. Per matrix, not per sweep: a 2 MB matrix takes ~70 us, so among its 9 runs there
+    is one that nothing interrupted, neither a busy neighbour nor a CPU quota's throttling (a
+    0.25-core host runs 1 ms in 4, shorter than a whole sweep: timed per sweep, four identical
+    such hosts measured 4.2-6.6 GB/s, and the plan split the work 10:5 between two of them).
+    Under a quota (cores, from the cgroup) the speed is what its threads do in the share of
+    time the quota allows them."""
     import time
     w0 = quantize(np.linspace(-1, 1, 8192 * 4096, dtype=np.float32).reshape(8192, 4096))
-    ws = [runnable(Q8Tensor(w0.q.copy(), w0.d.copy(), w0.cols)) for _ in range(3)]
+    big = [runnable(Q8Tensor(w0.q.copy(), w0.d.copy(), w0.cols)) for _ in range(3)]  # huge pages,
+    ws = [_rows(w, r, r + 512) for w in big for r in range(0, 8192, 512)]           # as a worker's
     x = np.ones(4096, np.float32)
-    matvec(ws[0], x)
-    ts = []
-    clock = time.process_time if cpu_quota else time.perf_counter
-    for _ in range(9):
-        t = clock()
-        for w in ws:
+    best = np.full(len(ws), np.inf)
+    for sweep in range(10):  # the first warms up (JIT dispatch, page faults)
+        for i, w in enumerate(ws):
+            t = time.perf_counter()
             matvec(w, x)
-        ts.append(clock() - t)
-    gb = sum(w.nbytes for w in ws) / 1e9
-    if cpu_quota:  # CPU-seconds of all threads: per thread, times the cores the quota allows
-        threads = nb.get_num_threads()
-        return gb / min(ts) * min(1.0, cpu_quota / threads) * threads
-    return gb / min(ts)
+            if sweep:
+                best[i] = min(best[i], time.perf_counter() - t)
+    speed = sum(w.nbytes for w in ws) / 1e9 / best.sum()
+    if cpu_quota:
+        speed *= min(1.0, cpu_quota / nb.get_num_threads())
+    return speed

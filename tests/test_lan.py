@@ -106,6 +106,31 @@ def test_cpu_cap_limits_a_busy_loop():
 
 
 @root_only
+def test_speed_probe_under_a_cpu_cap():
+    """Two identical 0.25-core hosts measure the same speed for the plan (within 20%; timed per
+    sweep they once measured 4.2 and 6.6 GB/s), a quarter of an uncapped single-threaded probe
+    give or take 40%, and the kernels default to one thread there (two waited on each other
+    across throttled periods: ~500x slower)."""
+    probe = ("from client.host import cpu_quota, default_threads; from quant import q8_0; "
+             "q8_0.set_threads(default_threads()); "
+             "print(default_threads(), q8_0.measure_speed(cpu_quota()))")
+    run = [sys.executable, "-c", probe]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with Lan(["a", "b"], cpus={"a": 0.25, "b": 0.25}) as lan:
+        outs = [lan.run(h, run, stdout=subprocess.PIPE, text=True, env=env).communicate(timeout=120)[0]
+                .split() for h in ("a", "b")]  # one after the other, as bench.lan starts workers
+    assert [o[0] for o in outs] == ["1", "1"], outs
+    capped = [float(o[1]) for o in outs]
+    whole = subprocess.run([sys.executable, "-c", probe.replace("default_threads())", "1)")],
+                           capture_output=True, text=True, env=env, timeout=120)
+    uncapped = float(whole.stdout.split()[1])
+    print(f"speed probe: two 0.25-core hosts {capped[0]:.2f} and {capped[1]:.2f} GB/s; "
+          f"one thread uncapped {uncapped:.2f}")
+    assert 0.8 < capped[0] / capped[1] < 1 / 0.8, capped
+    assert all(0.15 < c / uncapped < 0.35 for c in capped), (capped, uncapped)
+
+
+@root_only
 def test_memory_cap_is_applied():
     grab = "import sys; b = b'x' * (int(sys.argv[1]) << 20); print(len(b))"
     with Lan(["h"], mem={"h": 150 << 20}) as lan:

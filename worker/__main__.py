@@ -18,7 +18,7 @@ from client.errors import UserError  # noqa: E402
               help="Address to listen on (0.0.0.0 for every interface: needs a token, client "
                    "certificates or --insecure).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Compute threads (default: all cores).")
+              help="Compute threads (default: all cores, or no more than a CPU quota allows, rounded up).")
 @click.option("--data-port", type=click.IntRange(1, 65535), default=None,
               help="TCP port of the step channel (default: PORT + 1).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -31,7 +31,7 @@ import numpy as np
 
 from client.config import LlamaConfig
 from client.errors import UserError
-from client.host import available_memory, cfs_quota, cpu_quota, human_bytes
+from client.host import available_memory, cfs_quota, cpu_quota, default_threads, human_bytes
 from client.slices import KV_DTYPES, Shard, SliceSet, shard_nbytes, shard_shapes
 from proto import tensorlan_pb2 as pb
 from proto.security import ServerTLS, check_bind, is_loopback
@@ -546,8 +546,7 @@ def serve(port: int, host: str = "127.0.0.1", data_port: int | None = None, thre
           token: str | None = None, tls: ServerTLS | None = None, insecure: bool = False):
     """Run until SIGINT / SIGTERM. cache_dir=None keeps received tensors in memory only."""
     check_bind(host, token, tls and tls.client_ca, insecure)
-    if threads:
-        q8_0.set_threads(threads)
+    q8_0.set_threads(threads or default_threads())
     data_port = data_port or port + 1
     lsock = socket.create_server((host, data_port), reuse_port=False)
     try:
