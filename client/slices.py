@@ -40,6 +40,9 @@ class Shard:
 def rows_of(segs) -> tuple[np.ndarray, np.ndarray]:
     """Segments [(slot, p0, n)]: n consecutive tokens of the sequence in KV slot `slot`, from
     position p0 (a step's rows, segment after segment) -> (pos [T], slot [T]) per row."""
+    if len(segs) == 1:  # (one sequence: 1 us instead of 3)
+        b, p0, n = segs[0]
+        return np.arange(p0, p0 + n, dtype=np.int64), np.full(n, b, np.int64)
     pos = np.concatenate([np.arange(p0, p0 + n) for _, p0, n in segs]).astype(np.int64)
     slot = np.concatenate([np.full(n, b) for b, _, n in segs]).astype(np.int64)
     return pos, slot

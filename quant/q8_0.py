@@ -187,27 +187,50 @@ def _load(src, r, c, kind):
     return bf16_bits_to_f32(np.uint16(src[r, c]))
 
 
-@njit(parallel=True, **_JIT)  # no fastmath: amax/127 and 1/d must be IEEE-exact
+@njit(inline="always")  # no fastmath: amax/127 and 1/d must be IEEE-exact
+def _scale(amax):
+    # a block's largest |x| -> its scale d = amax/127 as fp16 bits, and 1/d (0 for a zero block)
+    dd = amax / np.float32(127.0)
+    return f32_to_f16_bits(dd), np.float32(1.0) / dd if dd != np.float32(0.0) else np.float32(0.0)
+
+
+@njit(inline="always")
+def _round_away(v):
+    # roundf(v), half away from zero, as int32; exact in float32, since a - floor(a) is
+    a = abs(v)
+    t = np.floor(a)
+    k = np.int32(t + (np.float32(1.0) if a - t >= np.float32(0.5) else np.float32(0.0)))
+    return k if v >= 0 else -k
+
+
+@njit(inline="always")
+def _quantize_row(src, kind, q, d, r):
+    # row r of src -> q[r], d[r]: llama.cpp's quantize_row_q8_0 (x * (1/d), float32, as in C)
+    cols = src.shape[1]
+    for b in range(q.shape[1] // QK):
+        c0 = b * QK
+        c1 = min(c0 + QK, cols)
+        amax = np.float32(0.0)
+        for c in range(c0, c1):
+            amax = max(amax, abs(_load(src, r, c, kind)))
+        d[r, b], idd = _scale(amax)
+        for c in range(c0, c1):
+            q[r, c] = np.int8(_round_away(_load(src, r, c, kind) * idd))
+        for c in range(c1, c0 + QK):                      # past the last column: zeros
+            q[r, c] = 0
+
+
+@njit(parallel=True, **_JIT)
 def _quantize_rows(src, kind, q, d):
-    rows, cols = src.shape
-    nblk = q.shape[1] // QK
-    for r in prange(rows):
-        for b in range(nblk):
-            c0 = b * QK
-            c1 = min(c0 + QK, cols)
-            amax = np.float32(0.0)
-            for c in range(c0, c1):
-                amax = max(amax, abs(_load(src, r, c, kind)))
-            dd = amax / np.float32(127.0)
-            idd = np.float32(1.0) / dd if dd != np.float32(0.0) else np.float32(0.0)
-            d[r, b] = f32_to_f16_bits(dd)
-            for c in range(c0, c0 + QK):
-                if c < c1:
-                    v = _load(src, r, c, kind) * idd          # float32 multiply, as in C
-                    a = np.floor(np.float64(abs(v)) + 0.5)   # roundf: half away from zero (exact in f64)
-                    q[r, c] = np.int8(a if v >= 0 else -a)
-                else:
-                    q[r, c] = 0
+    for r in prange(src.shape[0]):
+        _quantize_row(src, kind, q, d, r)
+
+
+@njit(**_JIT)
+def _quantize_few(src, kind, q, d):
+    # a few rows (activations): a parallel launch would cost more than the work (~3 us)
+    for r in range(src.shape[0]):
+        _quantize_row(src, kind, q, d, r)
 
 
 def quantize(w: np.ndarray, src_dtype: str | None = None, out: Q8Tensor | None = None) -> Q8Tensor:
@@ -227,7 +250,7 @@ def quantize(w: np.ndarray, src_dtype: str | None = None, out: Q8Tensor | None =
     if out is None:
         out = empty(rows, cols)
     assert out.q.shape == (rows, padded(cols)) and out.cols == cols
-    _quantize_rows(src, kind, out.q, out.d)
+    (_quantize_rows if rows > 16 else _quantize_few)(src, kind, out.q, out.d)
     return out
 
 
@@ -559,20 +582,25 @@ def _q8_activations(X):
     # X [T, C] f32 (C % 32 == 0) -> int8 quants XQ [T, C], -128 * block sums XC [T, C/32] (int32)
     # and block scales XS [T, C/32], each row quantized on its own (llama.cpp's
     # quantize_row_q8_0): one dispatch per call (the Python quantize() wrapper plus a second
-    # call cost ~6 us)
+    # call cost ~6 us); 2.8 us for a 2048-vector, 5.5 through _quantize_row and a second pass
     T, C = X.shape
     nblk = C // QK
     XQ = np.empty((T, C), np.int8)
-    XD = np.empty((T, nblk), np.uint16)
-    _quantize_rows(X, SRC_F32, XQ, XD)
     XS = np.empty((T, nblk), np.float32)
     XC = np.empty((T, nblk), np.int32)
     for t in range(T):
-        for b in range(nblk):
-            XS[t, b] = f16_bits_to_f32(XD[t, b])
+        for b in range(nblk):  # _quantize_row's maths on whole float32 blocks, the sums fused in
+            c0 = b * QK
+            amax = np.float32(0.0)
+            for c in range(c0, c0 + QK):
+                amax = max(amax, abs(X[t, c]))
+            bits, idd = _scale(amax)
+            XS[t, b] = f16_bits_to_f32(bits)
             s = np.int32(0)
-            for j in range(b * QK, b * QK + QK):
-                s += np.int32(XQ[t, j])
+            for c in range(c0, c0 + QK):
+                k = _round_away(X[t, c] * idd)
+                XQ[t, c] = np.int8(k)
+                s += k
             XC[t, b] = np.int32(-128) * s
     return XQ, XC, XS
 

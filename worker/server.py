@@ -450,7 +450,7 @@ class Worker(rpc.WorkerServicer):
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"step {op} layer {req.layer} x {list(x.shape)}: expected [T, {D}], "
                             f"layer < {len(slices.ffn)}")
-        segs = Worker.segments(slices, req)
+        segs = Worker.segments(slices, req) if op == "attention" else None  # (only it has caches)
         out = req.tokens * (slices.classifier.shape[0] * 4 if op == "logits" else D * 8)
         if out > self.limits.max_message - 64:
             raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED,
