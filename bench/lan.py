@@ -405,7 +405,8 @@ class Cluster:
         another, because two speed probes at once would share this machine's memory bus, which
         hosts of a real LAN do not. (A 0.5-core host that measured a quarter of its neighbour's
         speed in CI did so with sequential starts too: a busy neighbour outside the test, which
-        the probe's best-of-9 now rides out; see quant.q8_0.measure_speed.)"""
+        the probe, timing each 2 MB matrix at its best of 9, now rides out; see
+        quant.q8_0.measure_speed.)"""
         t = time.time()
         while "serving on" not in self.log(host):
             if proc.poll() is not None:

@@ -157,10 +157,15 @@ class RemoteNode:
         self._timeout = None
         self._step_cost = {}     # nbytes -> measured step cost (kept across re-plans)
 
-    def hello(self, timeout: float = HELLO_TIMEOUT) -> pb.HelloReply:
+    def hello(self, timeout: float = HELLO_TIMEOUT, measure: bool = False) -> pb.HelloReply:
+        """The handshake; measure: the worker measures its speed again first (~0.1 s of its CPU,
+        a few seconds at most on a host capped at a fraction of a core), so that the workers a
+        plan weighs against each other measured at about the same time, not each at its start:
+        this machine's memory bandwidth drifts by a third over minutes, and two identical 0.25-core
+        hosts started one after the other measured 6.6 and 4.6 GB/s."""
+        req = pb.HelloRequest(protocol_version=PROTOCOL_VERSION, client="tensorlan", measure_speed=measure)
         try:
-            h = self.stub.Hello(pb.HelloRequest(protocol_version=PROTOCOL_VERSION, client="tensorlan"),
-                                timeout=timeout, metadata=self.metadata)
+            h = self.stub.Hello(req, timeout=timeout + (20 if measure else 0), metadata=self.metadata)
         except grpc.RpcError as e:
             raise self._hello_failed(e) from None
         if h.protocol_version != PROTOCOL_VERSION:

@@ -218,8 +218,9 @@ class Model:
         if not local and not workers:
             raise UserError("no nodes: --no-local needs --workers")
         remote = [RemoteNode(addr, w, token, tls) for addr, w in workers]
-        for r in remote:
-            r.hello()
+        balance = weights is None and all(w is None for _, w in workers)  # on measured speeds
+        for r in remote:  # one after another: probes at once would share a machine's memory bus
+            r.hello(measure=balance)
         D = cfg.dim
         norm = lambda name: ckpt.f32(name, (D,))  # noqa: E731
         attn_norm = [norm(layer_name(l, "input_layernorm")) for l in range(cfg.n_layers)]

@@ -735,9 +735,20 @@ def _rows(w, r0: int, r1: int):
     return Q8Tensor(w.q[r0:r1], w.d[r0:r1], w.cols)
 
 
+def _probe_weight(rows: int, cols: int):
+    """A weight in the form this host's kernels run, its values all alike, made without
+    quantizing anything (the kernels' speed does not depend on the values): ~10 ms for 34 MB,
+    which keeps a probe short on a host capped at a fraction of a core."""
+    scale = np.uint16(0x2000)  # fp16 bits of a small positive scale
+    if VNNI:
+        return Q8Tiles(np.full((rows // _GROUP, cols // QK * 512), 129, np.uint8),
+                       np.full((rows // _GROUP, cols // QK, _GROUP), scale, np.uint16), rows, cols)
+    return Q8Tensor(np.ones((rows, cols), np.int8), np.full((rows, cols // QK), scale, np.uint16), cols)
+
+
 def measure_speed(cpu_quota: float | None = None) -> float:
     """GB/s of the one-token kernel over 48 matrices of 2 MB (3 x 34 MB: three times a 32 MB
-    L3), each matrix timed on its own and kept at its best of 9 sweeps (~0.2 s): a node's speed for
+    L3), each matrix timed on its own and kept at its best of 9 sweeps (~0.1 s): a node's speed for
     balancing. Per matrix, not per sweep: a 2 MB matrix takes ~70 us, so among its 9 runs there
     is one that nothing interrupted, neither a busy neighbour nor a CPU quota's throttling (a
     0.25-core host runs 1 ms in 4, shorter than a whole sweep: timed per sweep, four identical
@@ -745,9 +756,8 @@ def measure_speed(cpu_quota: float | None = None) -> float:
     Under a quota (cores, from the cgroup) the speed is what its threads do in the share of
     time the quota allows them."""
     import time
-    w0 = quantize(np.linspace(-1, 1, 8192 * 4096, dtype=np.float32).reshape(8192, 4096))
-    big = [runnable(Q8Tensor(w0.q.copy(), w0.d.copy(), w0.cols)) for _ in range(3)]  # huge pages,
-    ws = [_rows(w, r, r + 512) for w in big for r in range(0, 8192, 512)]           # as a worker's
+    big = [_probe_weight(8192, 4096) for _ in range(3)]  # in huge pages, as a worker's slices
+    ws = [_rows(w, r, r + 512) for w in big for r in range(0, 8192, 512)]
     x = np.ones(4096, np.float32)
     best = np.full(len(ws), np.inf)
     for sweep in range(10):  # the first warms up (JIT dispatch, page faults)

@@ -200,3 +200,17 @@ def test_wire_formats_accuracy_and_bytes(workers):
     # D = 64 here: 256 bytes of f32 against 68 of q8_0, plus 11-16 bytes of framing each
     assert sent["q8_0"][1] * 3.3 < sent["f32"][1] < sent["f64"][1] and sent["q8_0"][0] * 3.2 < sent["f32"][0]
     assert sent["bf16"][1] * 1.8 < sent["f32"][1]
+
+
+def test_hello_measures_the_speed_again(workers):
+    """A client about to plan asks for a fresh speed figure (HelloRequest.measure_speed): a new
+    probe's result, in the range of the one the worker took at its start."""
+    from client.cluster import RemoteNode
+    node = RemoteNode(workers.addrs[3])
+    try:
+        first = node.hello().speed_gb_s
+        again = node.hello(measure=True).speed_gb_s
+        assert node.hello().speed_gb_s == again   # kept for later handshakes
+    finally:
+        node.close()
+    assert first > 0 and again != first and 0.5 < again / first < 2, (first, again)

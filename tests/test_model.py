@@ -249,6 +249,15 @@ def test_quota_stall_is_half_the_throttled_part_of_a_period():
     assert quota_stall(8000, 4000) == 0.0                     # two cores' worth: never throttled
 
 
+def test_default_threads_follow_the_cpu_quota(monkeypatch):
+    """One kernel thread per core, but no more than a CPU quota rounds up to."""
+    from client import host
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for quota, threads in [(None, 4), (0.25, 1), (1.0, 1), (1.5, 2), (2.5, 3), (16.0, 4)]:
+        monkeypatch.setattr(host, "cpu_quota", lambda q=quota: q)
+        assert host.default_threads() == threads, quota
+
+
 def test_batched_sequences_equal_alone():
     """Continuous batching: three sequences in their own KV slots, prompts and decode steps in
     one pass each, give every sequence exactly the logits it gets alone (each row's arithmetic

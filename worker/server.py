@@ -85,10 +85,15 @@ class Worker(rpc.WorkerServicer):
         self.uploads: dict[str, Uploaded] = {}
         self.reserved = 0        # bytes announced by uploads in progress
         self.lock = threading.Lock()
+        self.probe_lock = threading.Lock()  # one speed probe at a time
         self.sessions = Sessions(limits.max_sessions, limits.session_timeout, self.close)
 
     # -- gRPC ------------------------------------------------------------------------------
     def Hello(self, request, context):
+        if request.measure_speed:  # a client about to plan: the speed now, not at this worker's start
+            with self.probe_lock:
+                q8_0.set_threads(self.threads)  # (Numba's thread count is per calling thread)
+                self.speed = q8_0.measure_speed(self.quota)
         return pb.HelloReply(protocol_version=PROTOCOL_VERSION, worker_id=self.id,
                              cores=len(os.sched_getaffinity(0)), threads=self.threads,
                              memory_bytes=self.room()[0], speed_gb_s=self.speed,
