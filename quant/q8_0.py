@@ -291,8 +291,10 @@ def dequantize(w, rows: slice = slice(None), out: np.ndarray | None = None) -> n
     return out
 
 
-def row_range(w: Q8Tensor, r0: int, r1: int) -> Q8Tensor:
-    """Rows [r0, r1) as a view."""
+def row_range(w, r0: int, r1: int):
+    """Rows [r0, r1) of a Q8Tensor, or of a Q8Tiles (r0, r1 multiples of 16), as a view."""
+    if isinstance(w, Q8Tiles):
+        return Q8Tiles(w.q[r0 // _GROUP:r1 // _GROUP], w.d[r0 // _GROUP:r1 // _GROUP], r1 - r0, w.cols)
     return Q8Tensor(w.q[r0:r1], w.d[r0:r1], w.cols)
 
 
@@ -728,12 +730,6 @@ def matmul(w, X: np.ndarray, acc64: bool = False) -> np.ndarray:
         out[k:k + n] = o4[:n]
     return out
 
-def _rows(w, r0: int, r1: int):
-    """Rows [r0, r1) of a weight as a view (r0 and r1 multiples of 16 for Q8Tiles)."""
-    if isinstance(w, Q8Tiles):
-        return Q8Tiles(w.q[r0 // _GROUP:r1 // _GROUP], w.d[r0 // _GROUP:r1 // _GROUP], r1 - r0, w.cols)
-    return Q8Tensor(w.q[r0:r1], w.d[r0:r1], w.cols)
-
 
 def _probe_weight(rows: int, cols: int):
     """A weight in the form this host's kernels run, its values all alike, made without
@@ -757,7 +753,7 @@ def measure_speed(cpu_quota: float | None = None) -> float:
     time the quota allows them."""
     import time
     big = [_probe_weight(8192, 4096) for _ in range(3)]  # in huge pages, as a worker's slices
-    ws = [_rows(w, r, r + 512) for w in big for r in range(0, 8192, 512)]
+    ws = [row_range(w, r, r + 512) for w in big for r in range(0, 8192, 512)]
     x = np.ones(4096, np.float32)
     best = np.full(len(ws), np.inf)
     for sweep in range(10):  # the first warms up (JIT dispatch, page faults)

@@ -90,7 +90,9 @@ class Worker(rpc.WorkerServicer):
 
     # -- gRPC ------------------------------------------------------------------------------
     def Hello(self, request, context):
-        if request.measure_speed:  # a client about to plan: the speed now, not at this worker's start
+        # a client about to plan: the speed now, not at this worker's start (the probe takes
+        # ~100 MB for a moment: not where that would press against a memory limit)
+        if request.measure_speed and self.room()[0] > 512 << 20:
             with self.probe_lock:
                 q8_0.set_threads(self.threads)  # (Numba's thread count is per calling thread)
                 self.speed = q8_0.measure_speed(self.quota)
