@@ -15,7 +15,7 @@ from quant.q8_0 import Q8Tensor, dequantize, from_bf16, nbytes, padded, quantize
 
 PROTOCOL_VERSION = 3             # 3: a worker may require a token (HelloReply.sessions, StepRequest.token)
 MAX_FRAME = 256 << 20
-GROW = 1 << 20                   # frames up to this size are read into one buffer of their size
+GROW = 64 << 10                  # a reader's first buffer; it doubles while a larger frame arrives
 _LEN = struct.Struct("<I")
 
 
@@ -60,7 +60,7 @@ class FrameReader:
 
     def __init__(self, sock: socket.socket, spin: float = 0.005, max_frame: int = MAX_FRAME):
         self.sock, self.spin, self.max_frame = sock, spin, max_frame
-        self.buf = bytearray(min(GROW, 64 << 10))
+        self.buf = bytearray(GROW)
         self.start = self.end = 0   # the bytes received and not yet returned: buf[start:end]
 
     def _recv(self, view: memoryview, t0: float) -> int:
@@ -79,7 +79,7 @@ class FrameReader:
         while self.end - self.start < n:
             if self.end == len(self.buf):  # no room after the held bytes
                 if self.start:             # move them to the front
-                    self.buf[:self.end - self.start] = self.buf[self.start:self.end]
+                    self.buf[:self.end - self.start] = self.buf[self.start:self.end]  # (copied)
                     self.start, self.end = 0, self.end - self.start
                 if self.end == len(self.buf):  # still full: grow, doubling, up to n
                     self.buf += bytes(min(n, 2 * len(self.buf)) - len(self.buf))
@@ -90,7 +90,7 @@ class FrameReader:
         return True
 
     def _take(self, n: int) -> bytes:
-        data = bytes(self.buf[self.start:self.start + n])
+        data = bytes(memoryview(self.buf)[self.start:self.start + n])  # one copy, not two
         self.start += n
         if self.start == self.end:
             self.start = self.end = 0
