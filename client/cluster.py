@@ -155,7 +155,7 @@ class RemoteNode:
         self.token_seconds = 0.0 # its expected compute for one token through its shard (deadlines)
         self.step_timeout = STEP_TIMEOUT
         self._timeout = None
-        self._step_cost = {}     # nbytes -> measured step cost (kept across re-plans)
+        self._step_cost = {}     # nbytes -> measured step_cost (kept across re-plans)
 
     def hello(self, timeout: float = HELLO_TIMEOUT, measure: bool = False) -> pb.HelloReply:
         """The handshake; measure: the worker measures its speed again first (~0.1 s of its CPU,
@@ -279,13 +279,19 @@ class RemoteNode:
         self.frames = FrameReader(self.sock, spin=0.0) if self.tls else FrameReader(self.sock)
         self._greet = True
 
-    def step_cost(self, nbytes: int, n: int = 30) -> float:
-        """Seconds that each layer step costs this node beyond its compute, from PINGs on the
-        step channel carrying a step's nbytes each way: the median round trip of single pings
-        (network, relay, waking up) plus the time per ping of a pipelined burst, which keeps the
-        node busy as real steps do, so that on a slow or CPU-capped node the CPU the step path
-        takes (syscalls, the kernel's network stack, Python) shows at the node's own pace. The
-        plan weighs it against the compute the node would take over."""
+    def step_cost(self, nbytes: int, n: int = 30) -> tuple[float, float]:
+        """What each layer step costs beyond compute, in seconds, from PINGs on the step channel
+        carrying a step's nbytes each way: (beyond, client).
+
+        client: the client's own CPU for the step (sending it, reading the reply), which it
+        spends whatever share this node has; beyond: what the node adds while the client
+        computes its own share: the single ping's median round trip (network, relay, the node
+        waking up) less the client's part of it, plus how much a pipelined burst of pings takes
+        per ping beyond the client's part. The burst keeps the node busy as real steps do, so
+        that on a slow or CPU-capped node the CPU the step path takes (syscalls, the kernel's
+        network stack, Python) shows at the node's own pace; an uncapped node on loopback
+        keeps up with the client (beyond ~0). The plan weighs both against the compute the node
+        would take over (client.model.time_balanced)."""
         self.connect()
         if nbytes in self._step_cost:  # measured before (a re-plan after a worker loss)
             return self._step_cost[nbytes]
@@ -296,13 +302,22 @@ class RemoteNode:
             self._request(ping)
             self._reply()
             single.append(time.perf_counter() - t)
+        spin, self.frames.spin = self.frames.spin, 0.0  # block, so that waiting takes no CPU
+        c = time.thread_time()
+        for _ in range(n):
+            self._request(ping)
+            self._reply()
+        client = (time.thread_time() - c) / n
+        self.frames.spin = spin
         t = time.perf_counter()
         for _ in range(n):  # n x nbytes stays well inside the sockets' buffers
             self._request(ping)
         for _ in range(n):
             self._reply()
-        self._step_cost[nbytes] = float(np.median(single)) + (time.perf_counter() - t) / n
-        return self._step_cost[nbytes]
+        burst = (time.perf_counter() - t) / n
+        beyond = max(0.0, float(np.median(single)) - client) + max(0.0, burst - client)
+        self._step_cost[nbytes] = (beyond, client)
+        return beyond, client
 
     def open(self, ctx: int, kv_dtype: str, wire: str = "f32", slots: int = 1) -> None:
         """A session on the step channel: fresh KV caches for `slots` sequences of ctx positions."""

@@ -85,40 +85,60 @@ def node_weights(remote: list, local: bool) -> list[float]:
     return ([local_speed()] if local else []) + [r.info.speed_gb_s for r in remote]
 
 
-def time_balanced(whole_seconds: list[float], fixed: list[float]) -> list[float]:
+def time_balanced(whole_seconds: list[float], fixed: list[float],
+                  serial: list[float] | None = None) -> list[float]:
     """Shares s_i (summing to 1) that give every node the same time per token,
         t = fixed_i + s_i * whole_seconds_i,
     where whole_seconds_i is node i's time for the whole model's matmuls (bytes / its speed) and
-    fixed_i what it costs per token whatever its share (a round trip per layer step). A node whose
-    fixed cost alone exceeds t gets nothing: including it would slow every token down."""
+    fixed_i what it costs per token whatever its share (a round trip per layer step) while the
+    others compute. A node whose fixed cost alone exceeds t gets nothing. serial_i: what node i
+    costs every token on top of t, whatever the split (the client's own CPU to send it its steps
+    and read its replies): a node is left out, too, when dropping it makes t plus the serial
+    costs of the nodes kept smaller (with stories260K's microseconds of matmuls, every worker)."""
     T = np.asarray(whole_seconds, np.float64)
     f = np.asarray(fixed, np.float64)
-    active = np.ones(len(T), bool)
-    while True:
-        t = (1 + (f[active] / T[active]).sum()) / (1 / T[active]).sum()
-        drop = active & (f >= t)
-        if not drop.any():
-            return np.where(active, (t - f) / T, 0.0).tolist()
-        active &= ~drop
+    c = np.zeros(len(T)) if serial is None else np.asarray(serial, np.float64)
+
+    def balance(active):  # -> (shares, time per token with the serial costs)
+        active = active.copy()
+        while True:
+            t = (1 + (f[active] / T[active]).sum()) / (1 / T[active]).sum()
+            drop = active & (f >= t)
+            if not drop.any():
+                return np.where(active, (t - f) / T, 0.0), t + c[active].sum()
+            active &= ~drop
+
+    shares, total = balance(np.ones(len(T), bool))
+    while (shares > 0).sum() > 1:  # leave out the node whose absence saves most, while one does
+        kept = shares > 0
+        (trial, t), i = min(((balance(kept & (np.arange(len(T)) != i)), i) for i in np.flatnonzero(kept)),
+                            key=lambda x: x[0][1])
+        if t >= total:
+            break
+        shares, total = trial, t
+    return shares.tolist()
 
 
 def plan_weights(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: str) -> list[float]:
     """Each node's share: explicit *W weights as given; else balanced on time per token from
-    each node's measured speed and what its 2L + 1 steps per token cost beyond compute: the
-    measured step round trip, plus, on a worker under a CPU quota, the wait for its next period
-    (see host.quota_stall)."""
+    each node's measured speed and what its 2L + 1 steps per token cost beyond compute (see
+    RemoteNode.step_cost): what a worker adds while this process computes its own share (plus,
+    under a CPU quota, the wait for its next period, host.quota_stall), and this process's own
+    CPU to send it each step and read the reply, which no split hides."""
     speeds = node_weights(remote, local)
     if any(r.weight is not None for r in remote):
         return speeds
     steps = 2 * cfg.n_layers + 1
     gb = shard_nbytes(cfg, Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size)), fmt) / 1e9
     step_bytes = len(encode(np.zeros((1, cfg.dim), np.float32), request_wire(wire)))
+    costs = [r.step_cost(step_bytes) for r in remote]  # (beyond, client) seconds per step
     fixed = ([0.0] if local else []) + [
-        steps * (r.step_cost(step_bytes) + (quota_stall(r.info.cfs_quota_us, r.info.cfs_period_us)
-                                            if r.info.cfs_period_us else 0.0)) for r in remote]
-    for r, f in zip(remote, fixed[local:]):
-        r.fixed_ms = f * 1e3
-    return time_balanced([gb / v for v in speeds], fixed)
+        steps * (beyond + (quota_stall(r.info.cfs_quota_us, r.info.cfs_period_us)
+                           if r.info.cfs_period_us else 0.0)) for r, (beyond, _) in zip(remote, costs)]
+    serial = ([0.0] if local else []) + [steps * client for _, client in costs]
+    for r, f, c in zip(remote, fixed[local:], serial[local:]):
+        r.fixed_ms = (f + c) * 1e3
+    return time_balanced([gb / v for v in speeds], fixed, serial)
 
 
 def water_fill(weights: list[float], caps: list[float]) -> list[float] | None:

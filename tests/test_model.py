@@ -242,6 +242,17 @@ def test_time_balanced_shares_weigh_each_nodes_round_trips():
     assert time_balanced(whole, [0, 1.0, 1.0, 1.0]) == [1.0, 0.0, 0.0, 0.0]
 
 
+def test_time_balanced_leaves_out_nodes_whose_serial_cost_outweighs_their_share():
+    """serial_i is paid on top of the balanced time: two equal nodes split evenly while a
+    worker's serial cost is below the half it saves, and the client keeps it all beyond."""
+    from client.model import time_balanced
+    assert np.allclose(time_balanced([1.0, 1.0], [0, 0], [0, 0.4]), [0.5, 0.5])   # 0.5 + 0.4 < 1
+    assert time_balanced([1.0, 1.0], [0, 0], [0, 0.6]) == [1.0, 0.0]               # 0.5 + 0.6 > 1
+    # three workers, one slow to reach: only it goes
+    s = time_balanced([1.0, 1.0, 1.0, 1.0], [0, 0, 0, 0], [0, 0.01, 0.01, 0.5])
+    assert s[3] == 0 and np.allclose(s[:3], [1 / 3] * 3)
+
+
 def test_quota_stall_is_half_the_throttled_part_of_a_period():
     from client.host import quota_stall
     assert quota_stall(1000, 8000) == pytest.approx(3.5e-3)   # 0.125 core
