@@ -298,8 +298,8 @@ def main(argv=None) -> None:
                 w.writerows(rows)
             plot_maritalk(rows, Path(f"{stem}.png"), f"{label}: prompt {a.prompt_size}, "
                           f"{a.max_tokens} tokens, {a.n_repeats} rounds")
-            print(f"| concurrency | generated tok/s per request (mean / median / std) | total tok/s per "
-                  f"request (mean / median / std) | system tok/s | vs 1 |\n|---|---|---|---|---|")
+            print("| concurrency | generated tok/s per request (mean / median / std) | total tok/s per "
+                  "request (mean / median / std) | system tok/s | vs 1 |\n|---|---|---|---|---|")
             for r in rows:
                 print(f"| {r['concurrency']} | {r['gen_tok_s_mean']:.2f} / {r['gen_tok_s_median']:.2f} / "
                       f"{r['gen_tok_s_std']:.2f} | {r['total_tok_s_mean']:.2f} / "

@@ -121,6 +121,16 @@ def write_manifest(path: Path, infos: list) -> None:
         pass  # no manifest: the next load uploads again
 
 
+def activations_wire(wire: str, fmt: str, info: pb.HelloReply) -> str:
+    """How a step's activations travel to a worker: as --wire has it (f32 for f64), except
+    that a worker whose kernels quantize activations to Q8_0 (VNNI CPUs: HelloReply
+    q8_activations) gets them in q8_0 when the weights are Q8_0: the same int8 blocks its
+    kernels would make of the floats, in a quarter of the bytes, with no work of its own."""
+    if wire == "q8_0" or (fmt == "q8_0" and info.q8_activations):
+        return "q8_0"
+    return request_wire(wire)
+
+
 @dataclass
 class Call:
     token: int
@@ -319,12 +329,14 @@ class RemoteNode:
         self._step_cost[nbytes] = (beyond, client)
         return beyond, client
 
-    def open(self, ctx: int, kv_dtype: str, wire: str = "f32", slots: int = 1) -> None:
-        """A session on the step channel: fresh KV caches for `slots` sequences of ctx positions."""
+    def open(self, ctx: int, kv_dtype: str, wire: str = "f32", slots: int = 1, fmt: str = "q8_0") -> None:
+        """A session on the step channel: fresh KV caches for `slots` sequences of ctx positions;
+        partial sums come back in `wire`, activations go in activations_wire."""
         self.connect()
+        x_wire = activations_wire(wire, fmt, self.info)
         self._request(pb.StepRequest(op=pb.OPEN, slice_set_id=self.slice_set_id, ctx=ctx,
-                                     kv_dtype=kv_dtype, wire=wire, slots=slots))
-        self.wire = wire
+                                     kv_dtype=kv_dtype, wire=wire, x_wire=x_wire, slots=slots))
+        self.wire, self.x_wire = wire, x_wire
         self._reply()
 
     def deadline(self, tokens: int) -> float:
@@ -375,7 +387,7 @@ class RemoteNode:
         workers (encoded once)."""
         t = time.perf_counter()
         if payload is None:
-            payload = encode(x, request_wire(self.wire))
+            payload = encode(x, self.x_wire)
         req = pb.StepRequest(op=OPS[op], layer=layer, tokens=x.shape[0], x=payload)
         if len(segs) == 1 and segs[0][0] == 0:
             req.pos = segs[0][1]

@@ -22,14 +22,15 @@ import numpy as np
 
 from client import kernels
 from client.checkpoint import Checkpoint
-from client.cluster import NodeLost, RemoteNode, manifest_key, read_manifest, write_manifest
+from client.cluster import (NodeLost, RemoteNode, activations_wire, manifest_key, read_manifest,
+                            write_manifest)
 from client.config import LlamaConfig
 from client.errors import UserError
 from client.host import available_memory, cpu_quota, quota_stall
 from client.slices import (Shard, SliceSet, layer_name, load_matrix, output_name,
                            shard_nbytes, shard_tensors)
 from client.tokenizer import Tokenizer
-from proto.wire import encode, request_wire
+from proto.wire import encode
 from quant.q8_0 import QK, Q8Tensor, Q8Tiles, dequantize, untiled
 from quant.q8_0 import nbytes as q8_nbytes
 
@@ -130,8 +131,9 @@ def plan_weights(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: st
         return speeds
     steps = 2 * cfg.n_layers + 1
     gb = shard_nbytes(cfg, Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size)), fmt) / 1e9
-    step_bytes = len(encode(np.zeros((1, cfg.dim), np.float32), request_wire(wire)))
-    costs = [r.step_cost(step_bytes) for r in remote]  # (beyond, client) seconds per step
+    x = np.zeros((1, cfg.dim), np.float32)
+    costs = [r.step_cost(len(encode(x, activations_wire(wire, fmt, r.info))))  # (beyond, client)
+             for r in remote]                                                 # seconds per step
     fixed = ([0.0] if local else []) + [
         steps * (beyond + (quota_stall(r.info.cfs_quota_us, r.info.cfs_period_us)
                            if r.info.cfs_period_us else 0.0)) for r, (beyond, _) in zip(remote, costs)]
@@ -315,7 +317,7 @@ class Model:
         if key:
             write_manifest(key, infos)
         node.token_seconds = shard_nbytes(cfg, sh, fmt) / (node.info.speed_gb_s * 1e9 or 1e9)
-        node.open(self.ctx, self.kv_dtype, src["wire"], self.slots)
+        node.open(self.ctx, self.kv_dtype, src["wire"], self.slots, fmt)
         return node
 
     def embed(self, ids: list[int]) -> np.ndarray:
@@ -451,10 +453,11 @@ class Model:
         """Every node's result for one block (partial sums [T, D] float64, or logits [T, rows]
         float32, in node order): remote nodes get the step first, then this
         process computes its share while they work, then their replies are read."""
-        remote = self.remote
-        payload = encode(xn, request_wire(remote[0].wire)) if remote else None  # once for all
-        for n in remote:
-            n.start(op, layer, xn, segs, payload)
+        sent = {}  # activations wire -> payload: encoded once for all workers
+        for n in self.remote:
+            if n.x_wire not in sent:
+                sent[n.x_wire] = encode(xn, n.x_wire)
+            n.start(op, layer, xn, segs, sent[n.x_wire])
         parts = [None if isinstance(n, RemoteNode) else n.run(op, layer, xn, segs) for n in self.nodes]
         for i, n in enumerate(self.nodes):
             if isinstance(n, RemoteNode):

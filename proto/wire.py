@@ -11,7 +11,8 @@ import time
 import numpy as np
 
 from proto import tensorlan_pb2 as pb
-from quant.q8_0 import Q8Tensor, dequantize, from_bf16, nbytes, padded, quantize, to_bf16
+from quant.q8_0 import (Q8Tensor, dequantize, finite_scales, from_bf16, nbytes, padded, quantize_bytes,
+                        to_bf16)
 
 PROTOCOL_VERSION = 3             # 3: a worker may require a token (HelloReply.sessions, StepRequest.token)
 MAX_FRAME = 256 << 20
@@ -184,11 +185,27 @@ WIRES = ("f64", "f32", "bf16", "q8_0")
 def encode(a: np.ndarray, wire: str) -> bytes:
     """[T, n] floats -> bytes in `wire` format."""
     if wire == "q8_0":
-        w = quantize(np.ascontiguousarray(a, np.float32))
-        return w.q.tobytes() + w.d.tobytes()
+        return quantize_bytes(a).tobytes()
     if wire == "bf16":
         return to_bf16(np.ascontiguousarray(a, np.float32)).tobytes()
     return np.ascontiguousarray(a, np.float64 if wire == "f64" else np.float32).tobytes()
+
+
+def decode_q8(b: bytes, rows: int, cols: int) -> Q8Tensor:
+    """q8_0 bytes -> the Q8Tensor [rows, cols] over them (no copy), checking the size."""
+    per_row = padded(cols) // 32 * 34
+    if rows <= 0 or len(b) != rows * per_row:
+        raise WireError(f"{len(b)} bytes for [{rows}, {cols}] in q8_0: expected {rows * per_row}")
+    nq = rows * padded(cols)
+    return Q8Tensor(np.frombuffer(b, np.int8, nq).reshape(rows, padded(cols)),
+                    np.frombuffer(b, np.uint16, offset=nq).reshape(rows, padded(cols) // 32), cols)
+
+
+def finite(x) -> bool:
+    """No NaN or infinity in activations: floats, or a Q8Tensor (its fp16 scales)."""
+    if isinstance(x, Q8Tensor):
+        return finite_scales(x.d)
+    return bool(np.isfinite(x).all())
 
 
 def decode(b: bytes, rows: int, cols: int, wire: str) -> np.ndarray:
@@ -200,10 +217,7 @@ def decode(b: bytes, rows: int, cols: int, wire: str) -> np.ndarray:
     if rows <= 0 or len(b) != rows * per_row:
         raise WireError(f"{len(b)} bytes for [{rows}, {cols}] in {wire}: expected {rows * per_row}")
     if wire == "q8_0":
-        nq = rows * padded(cols)
-        q = np.frombuffer(b, np.int8, nq).reshape(rows, padded(cols))
-        d = np.frombuffer(b, np.uint16, offset=nq).reshape(rows, padded(cols) // 32)
-        return dequantize(Q8Tensor(q, d, cols))
+        return dequantize(decode_q8(b, rows, cols))
     if wire == "bf16":
         return from_bf16(np.frombuffer(b, np.uint16).reshape(rows, cols))
     return np.frombuffer(b, np.float64 if wire == "f64" else np.float32).reshape(rows, cols)

@@ -254,6 +254,54 @@ def quantize(w: np.ndarray, src_dtype: str | None = None, out: Q8Tensor | None =
     return out
 
 
+@njit(**_JIT)
+def _pack_activations(X, buf):
+    # X [T, C] f32 -> buf: the Q8Tensor's bytes, quants [T, padded(C)] int8 then scales
+    # [T, padded(C)/32] fp16 (the q8_0 wire), in one pass of _quantize_row's maths (~2.5 us for
+    # a 2048-vector; quantize() and the views around it cost ~6)
+    T, C = X.shape
+    nblk = (C + QK - 1) // QK
+    nq = T * nblk * QK
+    q = buf[:nq].view(np.int8)
+    d = buf[nq:].view(np.uint16)
+    for t in range(T):
+        o = t * nblk * QK
+        for b in range(nblk):
+            c0 = b * QK
+            amax = np.float32(0.0)
+            if c0 + QK <= C:  # a whole block: loops of 32 that LLVM vectorizes
+                for c in range(c0, c0 + QK):
+                    amax = max(amax, abs(X[t, c]))
+                d[t * nblk + b], idd = _scale(amax)
+                for c in range(c0, c0 + QK):
+                    q[o + c] = np.int8(_round_away(X[t, c] * idd))
+                continue
+            for c in range(c0, C):  # the last, partial block: zeros past the last column
+                amax = max(amax, abs(X[t, c]))
+            d[t * nblk + b], idd = _scale(amax)
+            for c in range(c0, c0 + QK):
+                q[o + c] = np.int8(_round_away(X[t, c] * idd)) if c < C else 0
+
+
+def quantize_bytes(X: np.ndarray) -> np.ndarray:
+    """Activations [T, C] -> the bytes (uint8) of their Q8Tensor, quants then scales, as the
+    q8_0 wire carries them: the same bits as quantize(X)."""
+    X = np.ascontiguousarray(X, np.float32)
+    nq = X.shape[0] * padded(X.shape[1])
+    buf = np.empty(nq + nq // 16, np.uint8)
+    _pack_activations(X, buf)
+    return buf
+
+
+@njit(**_JIT)
+def finite_scales(d):
+    # no fp16 scale of infinity or NaN (exponent bits all ones): activations given quantized
+    for v in d.ravel():
+        if (v & 0x7C00) == 0x7C00:
+            return False
+    return True
+
+
 def empty(rows: int, cols: int) -> Q8Tensor:
     return Q8Tensor(np.empty((rows, padded(cols)), np.int8),
                     np.empty((rows, padded(cols) // QK), np.uint16), cols)
@@ -659,10 +707,32 @@ def _pad_cols(X: np.ndarray, cols_padded: int) -> np.ndarray:
     return P
 
 
-def _vnni_products(w: Q8Tiles, Xp: np.ndarray, out: np.ndarray, zero) -> None:
-    """Xp [T, cols_padded] f32 -> out [T, rows] with Q8_0 activations; each row of out is the
-    same whatever T and whatever the other rows (see _tile16)."""
-    XQ, XC, XS = _q8_activations(Xp)
+@njit(**_JIT)
+def _q8_given(q, d):
+    # activations quantized already (a Q8Tensor: q [T, C] int8, d [T, C/32] fp16 bits, as
+    # quantize() and the q8_0 wire make them, the same bits as _q8_activations of the floats)
+    # -> the block sums XC and scales XS the kernel takes beside q
+    T, nblk = d.shape
+    XS = np.empty((T, nblk), np.float32)
+    XC = np.empty((T, nblk), np.int32)
+    for t in range(T):
+        for b in range(nblk):
+            XS[t, b] = f16_bits_to_f32(d[t, b])
+            s = np.int32(0)
+            for c in range(b * QK, b * QK + QK):
+                s += np.int32(q[t, c])
+            XC[t, b] = np.int32(-128) * s
+    return XC, XS
+
+
+def _vnni_products(w: Q8Tiles, X, out: np.ndarray, zero) -> None:
+    """X [T, cols_padded] f32, or a Q8Tensor of activations -> out [T, rows] with Q8_0
+    activations; each row of out is the same whatever T and whatever the other rows (see
+    _tile16), and the same whether X came quantized or as the floats it was quantized from."""
+    if isinstance(X, Q8Tensor):
+        XQ, (XC, XS) = X.q, _q8_given(X.q, X.d)
+    else:
+        XQ, XC, XS = _q8_activations(X)
     _matmul_tiles(w.q, w.d, w.rows, XQ, XC, XS, out, zero, 4 if out.dtype == np.float64 else 8)
 
 
@@ -689,7 +759,9 @@ def matvec(w, x: np.ndarray, vnni: bool | None = None, acc64: bool = False) -> n
 
 def matmul(w, X: np.ndarray, acc64: bool = False) -> np.ndarray:
     """X[T, cols] @ W[rows, cols]^T -> [T, rows]. W is a Q8Tiles (VNNI CPUs), a Q8Tensor or a
-    float32 array.
+    float32 array; X float32, or a Q8Tensor of activations quantized already (a q8_0 request:
+    on VNNI CPUs its int8 rows go to the kernel as they are, the same bits the kernel would
+    make of the floats; elsewhere it is dequantized).
 
     acc64=True sums in float64 and returns float64: for the column-sliced matrices (Wo, Wdown),
     whose slices' partial sums the caller adds. Each element's product is the same whatever
@@ -702,6 +774,13 @@ def matmul(w, X: np.ndarray, acc64: bool = False) -> np.ndarray:
     T in 2..31 goes through the 4-token float kernel and T >= 32 through SGEMM with float32
     activations: close to matvec, not equal."""
     T = X.shape[0]
+    if isinstance(X, Q8Tensor):  # activations quantized already (a q8_0 request)
+        if VNNI and isinstance(w, (Q8Tensor, Q8Tiles)) and X.q.shape[1] == w.d.shape[1] * QK:
+            w = w if isinstance(w, Q8Tiles) else tiles(w)
+            out = np.empty((T, w.rows), np.float64 if acc64 else np.float32)
+            _vnni_products(w, X, out, np.float64(0.0) if acc64 else np.float32(0.0))
+            return out
+        X = dequantize(X)  # float kernels: the activations as the floats they stand for
     if not isinstance(w, (Q8Tensor, Q8Tiles)):
         if acc64:
             return X.astype(np.float64) @ w.T.astype(np.float64)

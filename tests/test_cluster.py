@@ -163,6 +163,23 @@ def test_grpc_session_serves_the_same_steps(workers):
     assert replies[0].error_code == 0
     assert np.array_equal(decode(replies[1].y, 2, m.cfg.dim, "f32"), want)
     assert replies[2].error_code != 0   # zero tokens: refused with a status, session survives
+    # activations in q8_0 (what a client sends a VNNI worker): the same partial sums as from the
+    # floats on VNNI workers (their kernels make those very blocks), where the client's own
+    # step above went as q8_0 already; a block scale of infinity is refused
+    xq = bytearray(encode(x, "q8_0"))
+    xq[2 * m.cfg.dim + 1] = 0x7C  # the first scale's high byte: fp16 infinity
+    reqs = [pb.StepRequest(seq=1, op=pb.OPEN, slice_set_id=node.slice_set_id, ctx=64, kv_dtype="bf16",
+                           x_wire="q8_0"),
+            pb.StepRequest(seq=2, op=pb.FFN, layer=1, pos=0, tokens=2, x=encode(x, "q8_0")),
+            pb.StepRequest(seq=3, op=pb.FFN, layer=1, pos=0, tokens=2, x=bytes(xq)),
+            pb.StepRequest(seq=4, op=pb.FFN, layer=1, pos=0, tokens=2, x=encode(x, "f32"))]
+    replies = list(stub.Session(iter(reqs), timeout=30))
+    assert [r.error_code for r in replies[:2]] == [0, 0]
+    assert node.x_wire == ("q8_0" if node.info.q8_activations else "f32")
+    y = decode(replies[1].y, 2, m.cfg.dim, "f32")
+    assert np.array_equal(y, want) if node.info.q8_activations else np.abs(y - want).max() < 0.05 * np.abs(want).max()
+    assert replies[2].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "NaN or inf" in replies[2].error
+    assert replies[3].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]   # f32 bytes: the wrong size
 
 
 def test_wire_formats_accuracy_and_bytes(workers):
@@ -198,8 +215,12 @@ def test_wire_formats_accuracy_and_bytes(workers):
         calls = [c for c in m.remote[0].calls if c.token == 1 and c.op == "ffn"]
         sent[wire] = (calls[0].sent, calls[0].received)
     # D = 64 here: 256 bytes of f32 against 68 of q8_0, plus 11-16 bytes of framing each
-    assert sent["q8_0"][1] * 3.3 < sent["f32"][1] < sent["f64"][1] and sent["q8_0"][0] * 3.2 < sent["f32"][0]
+    assert sent["q8_0"][1] * 3.3 < sent["f32"][1] < sent["f64"][1]
     assert sent["bf16"][1] * 1.8 < sent["f32"][1]
+    if m.remote[0].info.q8_activations:  # activations go as q8_0 whatever the wire (no loss there)
+        assert sent["f64"][0] == sent["f32"][0] == sent["bf16"][0] == sent["q8_0"][0]
+    else:
+        assert sent["q8_0"][0] * 3.2 < sent["f32"][0] == sent["f64"][0]
 
 
 def test_hello_measures_the_speed_again(workers):

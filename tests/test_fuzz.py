@@ -121,7 +121,7 @@ def mutate_step(rng: random.Random, m: Material) -> pb.StepRequest:
     req = m.step(rng)
     for _ in range(rng.randint(1, 3)):
         field = rng.choice(["op", "layer", "pos", "tokens", "x", "slice_set_id", "ctx", "kv_dtype",
-                            "wire", "token", "seq"])
+                            "wire", "x_wire", "token", "seq"])
         if field == "op":
             req.op = rng.choice([-1, 5, 9, 1 << 20, pb.OPEN, pb.ATTENTION, pb.FFN, pb.LOGITS, pb.PING])
         elif field in ("layer", "pos", "tokens", "ctx"):
@@ -130,7 +130,7 @@ def mutate_step(rng: random.Random, m: Material) -> pb.StepRequest:
             req.x = rng.randbytes(rng.choice([0, 1, 255, 256, 257, 512, 1024, 4096, 100_000]))
         elif field == "slice_set_id":
             req.slice_set_id = rng.choice(["", "nope", m.sid[:-1], m.sid + "0", "\u00e9" * 40])
-        elif field in ("kv_dtype", "wire"):
+        elif field in ("kv_dtype", "wire", "x_wire"):
             setattr(req, field, rng.choice(["", "f16", "bf16", "f32", "f64", "q8_0", "int4", "x" * 300]))
         elif field == "token":
             req.token = rng.choice(["", TOKEN, "wrong", TOKEN + "x"])

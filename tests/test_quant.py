@@ -31,6 +31,21 @@ def test_quantize_bit_exact_with_llama_cpp_reference(rows, cols):
     assert (w.q[:, cols:] == 0).all()   # zero padding
 
 
+@pytest.mark.parametrize("rows,cols", [(1, 2048), (3, 40), (2, 64), (5, 1)])
+def test_activation_bytes_are_the_quantized_tensor(rows, cols):
+    """The q8_0 wire's packing of activations (one fused pass): the bytes of quantize(X), quants
+    then fp16 scales, partial last blocks and zero blocks included; finite_scales spots an fp16
+    infinity or NaN among the scales."""
+    X = _hard_rows(rows, cols)
+    t = Q.quantize(X)
+    assert Q.quantize_bytes(X).tobytes() == t.q.tobytes() + t.d.tobytes()
+    assert Q.finite_scales(t.d)
+    for bad in (0x7C00, 0xFC00, 0x7E01):   # +inf, -inf, a NaN
+        d = t.d.copy()
+        d[-1, -1] = bad
+        assert not Q.finite_scales(d)
+
+
 def test_quantize_from_f16_and_bf16_sources():
     x = _hard_rows(9, 100)
     x16 = x.astype(np.float16)
@@ -152,6 +167,28 @@ def test_small_batch_rows_equal_one_token(vnni, acc64, rows, cols, monkeypatch):
         else:
             assert (np.abs(got - one) / scale).max() < 4e-6, T
         assert (np.abs(got - Xr @ W.T) / scale).max() < 2e-6, T
+
+
+@pytest.mark.parametrize("vnni", KERNELS)
+@pytest.mark.parametrize("acc64", [False, True])
+@pytest.mark.parametrize("rows,cols", [(37, 64), (45, 96), (20, 172), (100, 2048)])
+def test_activations_given_quantized(vnni, acc64, rows, cols, monkeypatch):
+    """A q8_0 request: matmul(w, quantize(X)). On VNNI CPUs the same bits as matmul(w, X) (the
+    kernel would quantize X to those very blocks); elsewhere the product with the dequantized
+    activations. Both against the float64 reference of the activations they stand for."""
+    monkeypatch.setattr(Q, "VNNI", vnni)
+    w_src = _hard_rows(rows, cols)
+    w = Q.runnable(Q.quantize(w_src))
+    W = q8_0_dequantize_ref(*q8_0_quantize_ref(w_src), cols)
+    for T in (1, 3, 9):
+        X = rng.standard_normal((T, cols)).astype(np.float32) * rng.choice([0.01, 1, 50], (T, 1)).astype(np.float32)
+        got = Q.matmul(w, Q.quantize(X), acc64=acc64)
+        assert got.shape == (T, rows) and got.dtype == (np.float64 if acc64 else np.float32)
+        if vnni:
+            assert np.array_equal(got, Q.matmul(w, X, acc64=acc64)), T
+        Xr = _activations_ref(X, True)  # what the blocks stand for, either way
+        scale = np.abs(Xr) @ np.abs(W).T + 1e-30
+        assert (np.abs(got - Xr @ W.T) / scale).max() < 4e-6, T
 
 
 @pytest.mark.parametrize("vnni", KERNELS)

@@ -39,8 +39,9 @@ from worker.cache import TensorCache
 from worker.gate import Gate, peer_host
 from worker.sessions import FIRST_REQUEST_S, Sessions
 from proto import tensorlan_pb2_grpc as rpc
-from proto.wire import (PROTOCOL_VERSION, WIRES, FrameReader, FrameTooLarge, WireError, decode, encode,
-                        frame, parse, request_wire, send_frame, tensor_nbytes, unpack_tensor)
+from proto.wire import (PROTOCOL_VERSION, WIRES, FrameReader, FrameTooLarge, WireError, decode, decode_q8,
+                        encode, finite, frame, parse, request_wire, send_frame, tensor_nbytes,
+                        unpack_tensor)
 from quant import q8_0
 
 log = logging.getLogger("tensorlan.worker")
@@ -101,7 +102,8 @@ class Worker(rpc.WorkerServicer):
                              memory_bytes=self.room()[0], speed_gb_s=self.speed,
                              data_port=self.data_port, cfs_quota_us=self.cfs[0] if self.cfs else 0,
                              cfs_period_us=self.cfs[1] if self.cfs else 0,
-                             sessions=self.sessions.count(), session_bytes=self.sessions.kv_bytes())
+                             sessions=self.sessions.count(), session_bytes=self.sessions.kv_bytes(),
+                             q8_activations=q8_0.VNNI)
 
     def Ping(self, request, context):
         return pb.PingReply(payload=request.payload)
@@ -283,11 +285,12 @@ class Worker(rpc.WorkerServicer):
                 self.close(state)
                 state["slices"], state["upload"], state["kv_bytes"] = opened
                 state["wire"] = req.wire or "f32"
+                state["x_wire"] = req.x_wire or request_wire(state["wire"])
             elif state.get("slices") is None:
                 raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "no OPEN before steps")
             else:
                 t = time.perf_counter()
-                y = self.step(state["slices"], req, state["wire"])
+                y = self.step(state["slices"], req, state["x_wire"])
                 reply.y = encode(y, "f32" if req.op == pb.LOGITS else state["wire"])
                 reply.compute_us = int((time.perf_counter() - t) * 1e6)
                 state["steps"] = state.get("steps", 0) + 1
@@ -428,11 +431,13 @@ class Worker(rpc.WorkerServicer):
                             f"ctx {req.ctx} exceeds this worker's --max-ctx {self.limits.max_ctx}: "
                             "lower --ctx (or raise the worker's --max-ctx)")
         if (req.kv_dtype not in KV_DTYPES or not 0 < req.ctx <= up.cfg.max_seq_len
-                or req.wire not in ("", *WIRES) or slots > MAX_SLOTS):
+                or req.wire not in ("", *WIRES) or req.x_wire not in ("", "f32", "bf16", "q8_0")
+                or slots > MAX_SLOTS):
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"ctx {req.ctx} / kv_dtype {req.kv_dtype!r} / wire {req.wire!r} / slots "
-                            f"{slots}: need 0 < ctx <= {up.cfg.max_seq_len}, kv_dtype one of "
-                            f"{sorted(KV_DTYPES)}, wire one of {WIRES}, slots <= {MAX_SLOTS}")
+                            f"ctx {req.ctx} / kv_dtype {req.kv_dtype!r} / wire {req.wire!r} / x_wire "
+                            f"{req.x_wire!r} / slots {slots}: need 0 < ctx <= {up.cfg.max_seq_len}, "
+                            f"kv_dtype one of {sorted(KV_DTYPES)}, wire one of {WIRES}, x_wire f32, "
+                            f"bf16 or q8_0, slots <= {MAX_SLOTS}")
         kv = (shard_nbytes(up.cfg, up.shard, "f32", req.ctx, req.kv_dtype, slots)
               - shard_nbytes(up.cfg, up.shard, "f32", 0, req.kv_dtype))
         room, source = self.room()
@@ -444,13 +449,16 @@ class Worker(rpc.WorkerServicer):
             up.sessions += 1
         return SliceSet.from_tensors(up.cfg, up.shard, up.tensors, req.ctx, req.kv_dtype, slots), up, kv
 
-    def step(self, slices: SliceSet, req, wire: str) -> np.ndarray:
+    def step(self, slices: SliceSet, req, x_wire: str) -> np.ndarray:
+        """x in `x_wire` -> the slices' partial sum (or logits). q8_0 activations stay quantized:
+        the kernels take them as they are (quant.q8_0.matmul)."""
         op = OPS.get(req.op)
         if op is None:
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown op {req.op}")
         D = slices.classifier.shape[1]
         try:
-            x = decode(req.x, req.tokens, D, request_wire(wire))
+            x = (decode_q8(req.x, req.tokens, D) if x_wire == "q8_0"
+                 else decode(req.x, req.tokens, D, x_wire))
         except WireError as e:
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if x.shape[1] != D or req.layer >= len(slices.ffn):
@@ -463,7 +471,7 @@ class Worker(rpc.WorkerServicer):
             raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"step {op} of {req.tokens} tokens: its reply would take {human_bytes(out)}, "
                             f"over this worker's --max-message-mb: send fewer tokens per step")
-        if not np.isfinite(x).all():
+        if not finite(x):
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"step {op}: x holds NaN or infinity")
         try:
             y = slices.run(op, req.layer, x, segs)
