@@ -513,8 +513,11 @@ def warm_up() -> None:
         slices = SliceSet.from_tensors(cfg, shard, tensors, 40, kv, slots=2)
         for T in (1, 2, 33):  # one token, a batch, a prompt (the SGEMM path)
             x = rng.standard_normal((T, 64)).astype(np.float32)
+            xq = decode_q8(encode(x, "q8_0"), T, 64)  # activations as a q8_0 request brings them
+            assert finite(xq)
             for op in ("attention", "ffn", "logits"):
                 slices.run(op, 0, x, [(0, 0, T)])
+                slices.run(op, 0, xq, [(0, 0, T)])
     for wire in WIRES:
         decode(encode(np.ones((1, 64), np.float32), wire), 1, 64, wire)
 
