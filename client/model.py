@@ -132,8 +132,9 @@ def plan_weights(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: st
     steps = 2 * cfg.n_layers + 1
     gb = shard_nbytes(cfg, Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size)), fmt) / 1e9
     x = np.zeros((1, cfg.dim), np.float32)
-    costs = [r.step_cost(len(encode(x, activations_wire(wire, fmt, r.info))))  # (beyond, client)
-             for r in remote]                                                 # seconds per step
+    reply = len(encode(x, wire))  # a ping echoes its bytes: the larger of a step's two ways
+    costs = [r.step_cost(max(reply, len(encode(x, activations_wire(wire, fmt, r.info)))))
+             for r in remote]  # (beyond, client) seconds per step
     fixed = ([0.0] if local else []) + [
         steps * (beyond + (quota_stall(r.info.cfs_quota_us, r.info.cfs_period_us)
                            if r.info.cfs_period_us else 0.0)) for r, (beyond, _) in zip(remote, costs)]
