@@ -1,5 +1,6 @@
 """Numba kernels for the parts of a layer that are not matmuls: RMSNorm, RoPE + KV-cache append +
-causal attention (one call per attention slice and step), SwiGLU. Shapes in comments:
+causal attention (one call per attention slice and step), SwiGLU; and, on VNNI CPUs, a whole
+attention or FFN slice step in one call (attention_block, ffn_block). Shapes in comments:
 T tokens this step, D model dim, nq / nkv query / key-value heads of the slice, d head dim."""
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from quant.q8_0 import bf16_bits_to_f32, f32_to_bf16_bits
+from quant.q8_0 import QK, _matmul_tiles, _q8_activations, bf16_bits_to_f32, f32_to_bf16_bits
 
 # fast-math without reassociation: sums keep their written order (see attention); numpy's error
 # model: a division by zero gives inf or NaN, where Python's zero-division check kept every loop
@@ -165,4 +166,55 @@ def attention(qkv, pos, slot, cos, sin, kc, vc, kv_of_q, nq):
             for e in range(d):
                 o[e] += w * _kv_get(vp[e])
         out[t, j * d:(j + 1) * d] = o
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A slice's whole step in one compiled call (VNNI weights, quant.q8_0.Q8Tiles): the same kernels
+# in the same order as AttentionSlice.forward / FFNSlice.forward compose them through
+# quant.q8_0.matmul, hence the same bits, without going back to Python between them. On a
+# worker capped at a quarter of a core, the Python between the kernels of a step (matmul's
+# dispatch, two activation quantizations, the attention call) took ~60 of its ~500 us.
+# Activations come in as the kernel takes them: XQ [T, Cp] int8, XC, XS (q8_0.vnni_activations).
+# ---------------------------------------------------------------------------------------------
+@njit(**_JIT)
+def _pad_blocks(x, n, width):
+    # x [T, n k] as k groups of n values -> [T, k width], each group zero-padded to `width`
+    # (x itself when n == width): heads of a head_dim that is not a multiple of 32 (see
+    # slices._load_wo), or an FFN slice's units up to whole blocks
+    if n == width:
+        return x
+    T, k = x.shape[0], x.shape[1] // n
+    out = np.zeros((T, k * width), np.float32)
+    for t in range(T):
+        for j in range(k):
+            out[t, j * width:j * width + n] = x[t, j * n:(j + 1) * n]
+    return out
+
+
+@njit(**_JIT)
+def attention_block(XQ, XC, XS, wqkv_q, wqkv_d, nqkv, wo_q, wo_d, D, pos, slot, cos, sin, kc, vc,
+                    kv_of_q, nq):
+    # qkv = X Wqkv^T [T, nqkv]; o = attention(...) [T, nq d]; partial = o Wo^T [T, D] float64
+    T = XQ.shape[0]
+    qkv = np.empty((T, nqkv), np.float32)
+    _matmul_tiles(wqkv_q, wqkv_d, nqkv, XQ, XC, XS, qkv, np.float32(0.0), 8)
+    o = attention(qkv, pos, slot, cos, sin, kc, vc, kv_of_q, nq)
+    d = vc.shape[3]
+    OQ, OC, OS = _q8_activations(_pad_blocks(o, d, wo_d.shape[1] * QK // nq))
+    out = np.empty((T, D), np.float64)
+    _matmul_tiles(wo_q, wo_d, D, OQ, OC, OS, out, np.float64(0.0), 4)
+    return out
+
+
+@njit(**_JIT)
+def ffn_block(XQ, XC, XS, wgu_q, wgu_d, nu, wdown_q, wdown_d, D):
+    # h = silu(X Wgate^T) * (X Wup^T) [T, nu]; partial = h Wdown^T [T, D] float64
+    T = XQ.shape[0]
+    gu = np.empty((T, 2 * nu), np.float32)
+    _matmul_tiles(wgu_q, wgu_d, 2 * nu, XQ, XC, XS, gu, np.float32(0.0), 8)
+    h = swiglu(gu, nu)
+    HQ, HC, HS = _q8_activations(_pad_blocks(h, nu, wdown_d.shape[1] * QK))
+    out = np.empty((T, D), np.float64)
+    _matmul_tiles(wdown_q, wdown_d, D, HQ, HC, HS, out, np.float64(0.0), 4)
     return out

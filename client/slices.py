@@ -12,6 +12,8 @@ they give the same residual whatever the slicing.
     classifier slice = rows [r0, r1) of the output matrix: logits[:, r0:r1] = xn @ W[r0:r1]^T
 
 The full block output is the sum of the partials over the slices (see ../shared/DESIGN.md).
+On VNNI CPUs each of the first two is one compiled call of the same kernels in the same order
+(kernels.attention_block / ffn_block), elsewhere a composition of quant.q8_0.matmul calls.
 A Shard names what one node holds; `SliceSet` builds and runs that node's slices for all layers.
 """
 from __future__ import annotations
@@ -121,6 +123,10 @@ class AttentionSlice:
         # xn [T, D], rows placed by segs (see rows_of) -> partial [T, D]
         nq = self.heads[1] - self.heads[0]
         pos, slot = rows_of(segs)
+        if _one_call(xn, self.wqkv, self.wo):  # VNNI: the same steps in one compiled call
+            return kernels.attention_block(*q8.vnni_activations(xn), self.wqkv.q, self.wqkv.d, self.wqkv.rows,
+                                           self.wo.q, self.wo.d, self.wo.rows, pos, slot, rope[0], rope[1],
+                                           self.cache_k, self.cache_v, self.kv_of_q, nq)
         qkv = matmul(self.wqkv, xn)                                        # [T, (nq+2nkv) d]
         o = kernels.attention(qkv, pos, slot, rope[0], rope[1], self.cache_k, self.cache_v,
                               self.kv_of_q, nq)                            # [T, nq d]
@@ -140,8 +146,20 @@ class FFNSlice:
 
     def forward(self, xn: np.ndarray) -> np.ndarray:
         # xn [T, D] -> partial [T, D]
-        h = kernels.swiglu(matmul(self.wgu, xn), self.units[1] - self.units[0])   # [T, |U|]
+        nu = self.units[1] - self.units[0]
+        if _one_call(xn, self.wgu, self.wdown):  # VNNI: the same steps in one compiled call
+            return kernels.ffn_block(*q8.vnni_activations(xn), self.wgu.q, self.wgu.d, nu,
+                                     self.wdown.q, self.wdown.d, self.wdown.rows)
+        h = kernels.swiglu(matmul(self.wgu, xn), nu)                       # [T, |U|]
         return matmul(self.wdown, h, acc64=True)                           # [T, D] float64
+
+
+def _one_call(x, w_in, w_out) -> bool:
+    """A slice's step can run as one compiled call (kernels.attention_block / ffn_block): VNNI
+    tiles on both sides, and x with the columns the first one takes (f32 [T, D] in whole blocks,
+    or q8_0 blocks of that width); anything else goes through quant.q8_0.matmul."""
+    cols = x.q.shape[1] if isinstance(x, q8.Q8Tensor) else x.shape[1]
+    return isinstance(w_in, q8.Q8Tiles) and isinstance(w_out, q8.Q8Tiles) and cols == w_in.d.shape[1] * q8.QK
 
 
 def kv_range(cfg: LlamaConfig, heads: tuple[int, int]) -> tuple[int, int]:

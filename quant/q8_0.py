@@ -702,14 +702,19 @@ def _pad_cols(X: np.ndarray, cols_padded: int) -> np.ndarray:
     return P
 
 
+def vnni_activations(X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activations as the VNNI kernel takes them, (XQ, XC, XS) of _tile16: a Q8Tensor's own
+    blocks, or f32 [T, C] (C % 32 == 0) quantized row by row."""
+    if isinstance(X, Q8Tensor):
+        return (X.q, *_q8_given(X.q, X.d))
+    return _q8_activations(X)
+
+
 def _vnni_products(w: Q8Tiles, X, out: np.ndarray, zero) -> None:
     """X [T, cols_padded] f32, or a Q8Tensor of activations -> out [T, rows] with Q8_0
     activations; each row of out is the same whatever T and whatever the other rows (see
     _tile16), and the same whether X came quantized or as the floats it was quantized from."""
-    if isinstance(X, Q8Tensor):
-        XQ, (XC, XS) = X.q, _q8_given(X.q, X.d)
-    else:
-        XQ, XC, XS = _q8_activations(X)
+    XQ, XC, XS = vnni_activations(X)
     _matmul_tiles(w.q, w.d, w.rows, XQ, XC, XS, out, zero, 4 if out.dtype == np.float64 else 8)
 
 

@@ -117,6 +117,37 @@ def test_sliced_plans_equal_the_one_slice_plan(fmt, weights, story_ids):
     assert a == b
 
 
+@pytest.mark.parametrize("weights", [None, [3, 1, 1, 2, 1]])
+def test_one_call_slice_steps_equal_the_composed_kernels(weights, story_ids, monkeypatch):
+    """On VNNI CPUs a slice's step runs as one compiled call (kernels.attention_block,
+    ffn_block): it must give the bits of the same kernels composed through q8_0.matmul, for a
+    prompt and for single tokens, with heads padded to whole blocks (head_dim 8) and FFN slices
+    whose units are not a multiple of 32 (172 units)."""
+    from client import kernels, slices
+    from quant import q8_0 as Q
+    if not Q.VNNI:
+        pytest.skip("the one-call steps run on VNNI weights only (this CPU has no AVX-512 VNNI)")
+    calls = []
+    for name in ("attention_block", "ffn_block"):
+        monkeypatch.setattr(kernels, name, lambda *a, f=getattr(kernels, name), n=name: calls.append(n) or f(*a))
+    ids = story_ids[:40]
+
+    def run():
+        m = Model.load(STORIES, fmt="q8_0", kv_dtype="f32", weights=weights)
+        prompt = m.forward(ids, 0, all_logits=True)
+        steps = [m.forward([t], 40 + i) for i, t in enumerate(story_ids[40:44])]
+        return prompt, steps
+
+    one_call = run()
+    assert set(calls) == {"attention_block", "ffn_block"}
+    monkeypatch.setattr(slices, "_one_call", lambda *a: False)
+    calls.clear()
+    composed = run()
+    assert not calls
+    assert np.array_equal(one_call[0], composed[0])
+    assert all(np.array_equal(a, b) for a, b in zip(one_call[1], composed[1]))
+
+
 def test_plan_covers_everything_in_proportion():
     cfg = LlamaConfig.load(STORIES)
     shards = plan_shards(cfg, [2, 1, 1])

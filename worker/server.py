@@ -482,9 +482,12 @@ class Worker(rpc.WorkerServicer):
     @staticmethod
     def segments(slices: SliceSet, req) -> list[tuple[int, int, int]]:
         """The request's rows as segments (slot, p0, n), checked against the session's caches."""
-        segs = list(zip(req.seg_slot, req.seg_pos, req.seg_len)) or [(0, req.pos, req.tokens)]
         a = next((a for a in slices.attn if a is not None), None)
         slots, ctx = (a.cache_v.shape[0], a.cache_v.shape[2]) if a else (MAX_SLOTS, 1 << 30)
+        if not (req.seg_slot or req.seg_pos or req.seg_len):  # one sequence, in slot 0 (decoding)
+            if 0 < req.tokens <= ctx - req.pos:
+                return [(0, req.pos, req.tokens)]
+        segs = list(zip(req.seg_slot, req.seg_pos, req.seg_len)) or [(0, req.pos, req.tokens)]
         if (not len(req.seg_slot) == len(req.seg_pos) == len(req.seg_len)
                 or sum(n for _, _, n in segs) != req.tokens
                 or any(b >= slots or n == 0 or p0 + n > ctx for b, p0, n in segs)):
@@ -514,10 +517,11 @@ def warm_up() -> None:
         for T in (1, 2, 33):  # one token, a batch, a prompt (the SGEMM path)
             x = rng.standard_normal((T, 64)).astype(np.float32)
             xq = decode_q8(encode(x, "q8_0"), T, 64)  # activations as a q8_0 request brings them
-            assert finite(xq)
+            xf = decode(encode(x, "f32"), T, 64, "f32")  # or an f32 one (read-only, as xq)
+            assert finite(xq) and finite(xf)
             for op in ("attention", "ffn", "logits"):
-                slices.run(op, 0, x, [(0, 0, T)])
-                slices.run(op, 0, xq, [(0, 0, T)])
+                for xs in (x, xq, xf):
+                    slices.run(op, 0, xs, [(0, 0, T)])
     for wire in WIRES:
         decode(encode(np.ones((1, 64), np.float32), wire), 1, 64, wire)
 
