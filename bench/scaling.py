@@ -15,9 +15,14 @@ prints generation tok/s, the speedup over N = 1 at the same cap, ms per token sp
 and client/wait (the rest), bytes per token on the wire, the workers' peak memory and the relay's
 own overhead (round trip through it at zero delay minus direct). Writes bench/out/scaling.csv and
 bench/out/scaling.png (speedup against N per cap, ideal dashed; needs the `bench` extra).
+
+The configurations compared with one another run together, in rounds (run_group): one cap's
+clusters are all up at once and each round runs every one of them once, so that the machine's
+drift falls on the baseline and the others alike; speedups are medians of the rounds' ratios.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import statistics
@@ -69,42 +74,74 @@ def split_token_time(perf_csv: Path, ms_per_token: float) -> dict:
             "bytes_per_token": nbytes / tokens}
 
 
-def run_config(name: str, model: Path, tokens: int, reps: int, rate: str, delay_ms: float,
-               wire: str = "f32") -> dict:
-    cpus, weights = CONFIGS[name]
-    click.echo(f"{name}: starting {len(cpus)} workers ({'/'.join(f'{c:g}' for c in cpus)} core)",
-               err=True)
-    with Cluster(cpus=cpus, rate=rate, delay_ms=delay_ms) as c, tempfile.TemporaryDirectory() as tmp:
-        runs = []
+def groups(names: list[str]) -> list[list[str]]:
+    """The configurations compared with one another, each group run together: one cap's N = 1,
+    2, 4 (8), or the mixed cluster's two splits."""
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault("mixed" if n.startswith("mixed") else n.split("x")[0], []).append(n)
+    return list(out.values())
+
+
+def run_client(c: Cluster, name: str, model: Path, tokens: int, wire: str, perf: Path) -> dict:
+    """One generation on cluster c with the configuration's --workers weights: tok/s and the
+    split of a token's time."""
+    r = c.run_client([str(model), "-i", PROMPT, "-n", str(tokens), "--temperature", "0",
+                      "--ctx", "256", "--threads", "1", "--no-local", "--json", "--wire", wire,
+                      "--workers", c.workers_arg(CONFIGS[name][1]), "--perf-csv", str(perf)])
+    if r.returncode:
+        raise SystemExit(f"error: {name}: the client failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    out = json.loads(r.stdout)
+    return {"tok_s": out["gen_tok_s"], "ms_per_token": out["ms_per_token"],
+            **split_token_time(perf, out["ms_per_token"])}
+
+
+def run_group(names: list[str], model: Path, tokens: int, reps: int, rate: str, delay_ms: float,
+              wire: str) -> list[dict]:
+    """A group's clusters all up at once (one per distinct set of hosts: the mixed cluster's two
+    splits share theirs; an idle worker under a CPU quota blocks on its socket and takes no CPU),
+    then `reps` rounds, each running every configuration once, in alternating order. This
+    machine's memory bandwidth drifts by a third over minutes: run one after another, one host's
+    three runs ranged 3.75-5.27 tok/s, and a speedup over a baseline measured minutes before
+    measured the drift as much as the scaling. Speedups are medians of the rounds' ratios (over
+    N = 1 at the same cap; the balanced mixed plan over the equal one)."""
+    hosts = lambda n: tuple(CONFIGS[n][0])  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        clusters = {}
+        for name in names:
+            if hosts(name) not in clusters:
+                click.echo(f"{name}: starting {len(hosts(name))} workers "
+                           f"({'/'.join(f'{c:g}' for c in hosts(name))} core)", err=True)
+                clusters[hosts(name)] = stack.enter_context(
+                    Cluster(cpus=list(hosts(name)), rate=rate, delay_ms=delay_ms))
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        runs: dict[str, list[dict]] = {n: [] for n in names}
         for rep in range(reps):
-            perf = Path(tmp) / f"perf{rep}.csv"
-            r = c.run_client([str(model), "-i", PROMPT, "-n", str(tokens), "--temperature", "0",
-                              "--ctx", "256", "--threads", "1", "--no-local", "--json", "--wire", wire,
-                              "--workers", c.workers_arg(weights), "--perf-csv", str(perf)])
-            if r.returncode:
-                raise SystemExit(f"error: {name}: the client failed ({r.returncode}):\n{r.stderr[-3000:]}")
-            out = json.loads(r.stdout)
-            runs.append({"tok_s": out["gen_tok_s"], "ms_per_token": out["ms_per_token"],
-                         **split_token_time(perf, out["ms_per_token"])})
-            click.echo(f"{name}: {out['gen_tok_s']:.2f} tok/s", err=True)
-        median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        return {"config": name, "n": len(cpus), "cores": "/".join(f"{x:g}" for x in cpus),
-                "cap": cpus[0] if len(set(cpus)) == 1 else None, "split": "equal" if weights else "measured", **median,
-                "tok_s_reps": " ".join(f"{r['tok_s']:.3f}" for r in runs),
-                "peak_mib": " ".join(f"{h}:{c.peak_memory(h) >> 20}" for h in c.workers + ["client"]),
-                "relay_overhead_us": c.relay_overhead_us()}
-
-
-def add_speedups(rows: list[dict]) -> None:
-    """Speedup over N = 1 at the same cap (blank for the mixed cluster or when N = 1 was not run)."""
-    base = {r["cap"]: r["tok_s"] for r in rows if r["n"] == 1}
-    for r in rows:
-        r["speedup"] = r["tok_s"] / base[r["cap"]] if r["cap"] in base else None
+            for name in names if rep % 2 == 0 else names[::-1]:
+                runs[name].append(run_client(clusters[hosts(name)], name, model, tokens, wire,
+                                             tmp / f"{name}-{rep}.csv"))
+                click.echo(f"{name}: round {rep + 1}/{reps}: {runs[name][-1]['tok_s']:.2f} tok/s", err=True)
+        base = next((n for n in names if len(hosts(n)) == 1 or n == "mixed-equal"), None)
+        rows = []
+        for name in names:
+            cpus, c = hosts(name), clusters[hosts(name)]
+            ratio = (statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(runs[name], runs[base]))
+                     if base else None)
+            rows.append({"config": name, "n": len(cpus), "cores": "/".join(f"{x:g}" for x in cpus),
+                         "cap": cpus[0] if len(set(cpus)) == 1 else None,
+                         "split": "equal" if CONFIGS[name][1] else "measured",
+                         **{k: statistics.median(r[k] for r in runs[name]) for k in runs[name][0]},
+                         "speedup": ratio if len(set(cpus)) == 1 else None,
+                         "vs_equal": ratio if name == "mixed-balanced" and base == "mixed-equal" else None,
+                         "tok_s_reps": " ".join(f"{r['tok_s']:.3f}" for r in runs[name]),
+                         "peak_mib": " ".join(f"{h}:{c.peak_memory(h) >> 20}" for h in c.workers + ["client"]),
+                         "relay_overhead_us": c.relay_overhead_us()})
+        return rows
 
 
 def print_table(rows: list[dict], model: str, tokens: int, rate: str, delay_ms: float) -> None:
     print(f"\n{model}, Q8_0, {tokens} tokens, links {rate}, {delay_ms:g} ms each way "
-          f"(median of the reps); ms per token = compute + wire + client/wait")
+          f"(medians of the rounds; speedup: median of the rounds' ratios); ms per token = compute + wire + client/wait")
     print(f"{'config':<15} {'N':>2} {'tok/s':>7} {'speedup':>7} {'ms/tok':>8} {'compute':>8} "
           f"{'wire':>7} {'client':>7} {'KB/tok':>7} {'relay us':>8}  peak MiB")
     for r in rows:
@@ -112,10 +149,10 @@ def print_table(rows: list[dict], model: str, tokens: int, rate: str, delay_ms: 
         print(f"{r['config']:<15} {r['n']:>2} {r['tok_s']:>7.2f} {sp:>7} {r['ms_per_token']:>8.1f} "
               f"{r['compute_ms']:>8.1f} {r['wire_ms']:>7.1f} {r['client_ms']:>7.1f} "
               f"{r['bytes_per_token'] / 1000:>7.1f} {r['relay_overhead_us']:>8.0f}  {r['peak_mib']}")
-    by = {r["config"]: r for r in rows}
-    if "mixed-balanced" in by and "mixed-equal" in by:
-        print(f"mixed cluster: the default (balanced) plan {by['mixed-balanced']['tok_s'] / by['mixed-equal']['tok_s']:.2f}x "
-              f"the equal split")
+    for r in rows:
+        if r["vs_equal"]:
+            print(f"mixed cluster: the default (balanced) plan {r['vs_equal']:.2f}x the equal split "
+                  "(median of the rounds' ratios)")
 
 
 def plot(rows: list[dict], model: str, path: Path) -> None:
@@ -142,7 +179,7 @@ def plot(rows: list[dict], model: str, path: Path) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--tokens", default=32, show_default=True, help="Tokens to generate per run.")
-@click.option("--reps", default=1, show_default=True, help="Client runs per configuration (median).")
+@click.option("--reps", default=1, show_default=True, help="Rounds, each running every configuration once (medians).")
 @click.option("--rate", default="1gbit", show_default=True, help="Link rate of every host (tc syntax).")
 @click.option("--delay-ms", default=0.1, show_default=True, help="One-way delay client <-> workers.")
 @click.option("--configs", default=",".join(CONFIGS), show_default=True,
@@ -163,8 +200,7 @@ def main(tokens, reps, rate, delay_ms, configs, model, wire):
         from bench.make_model import make_model
         model = ROOT / "models" / "tinyllama-1.1b"
         make_model(SHAPES / "tinyllama-1.1b.json", model)
-    rows = [run_config(n, model, tokens, reps, rate, delay_ms, wire) for n in names]
-    add_speedups(rows)
+    rows = [row for group in groups(names) for row in run_group(group, model, tokens, reps, rate, delay_ms, wire)]
     print_table(rows, f"{model.name}, wire {wire}", tokens, rate, delay_ms)
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "scaling.csv", "w", newline="") as f:
