@@ -2,7 +2,7 @@
 1 to 8 CPU-capped worker hosts, the client (--no-local) on an uncapped host of its own, links
 capped at 1 gbit, a relay adding 0.1 ms each way.
 
-    sudo .venv/bin/python -m bench.scaling [--tokens 32] [--reps 1] [--rate 1gbit] [--delay-ms 0.1]
+    sudo .venv/bin/python -m bench.scaling [--tokens 32] [--reps 3] [--rate 1gbit] [--delay-ms 0.1]
                                            [--configs 0.25x1,0.25x2,...] [--model DIR]
                                            [--wire q8_0]
 
@@ -179,7 +179,7 @@ def plot(rows: list[dict], model: str, path: Path) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--tokens", default=32, show_default=True, help="Tokens to generate per run.")
-@click.option("--reps", default=1, show_default=True, help="Rounds, each running every configuration once (medians).")
+@click.option("--reps", default=3, show_default=True, help="Rounds, each running every configuration once (medians).")
 @click.option("--rate", default="1gbit", show_default=True, help="Link rate of every host (tc syntax).")
 @click.option("--delay-ms", default=0.1, show_default=True, help="One-way delay client <-> workers.")
 @click.option("--configs", default=",".join(CONFIGS), show_default=True,
