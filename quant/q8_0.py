@@ -43,7 +43,6 @@ core's streaming bandwidth) and 8 tokens ~5% faster.
 """
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 
 import numba as nb
@@ -293,32 +292,8 @@ def finite_scales(d):
     return True
 
 
-_HUGE_PAGE = 2 << 20
-
-
-def huge_empty(shape: tuple, dtype) -> np.ndarray:
-    """An empty array in an anonymous mapping of its own, its first byte on a 2 MB boundary and
-    its whole 2 MB stretches advised into transparent huge pages (the tail, if any, stays in
-    4 KB pages, so nothing is committed beyond the array). Weights stream through the kernels
-    once per token, and NumPy advises huge pages only for arrays of 4 MB and more: a 1.4 MB
-    slice of Wqkv (a quarter-host's share) read at 23.8 GB/s from 4 KB pages, 26.9 from huge
-    ones (one core). The mapping's unused head is virtual only. Where the kernel offers no
-    huge pages it is plain memory."""
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if n < _HUGE_PAGE:
-        return np.empty(shape, dtype)
-    m = mmap.mmap(-1, n + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = np.frombuffer(m, np.uint8)
-    off = -raw.ctypes.data % _HUGE_PAGE
-    try:
-        m.madvise(mmap.MADV_HUGEPAGE, off, n - n % _HUGE_PAGE)
-    except (AttributeError, OSError):  # no transparent huge pages here
-        pass
-    return raw[off:off + n].view(dtype).reshape(shape)
-
-
 def empty(rows: int, cols: int) -> Q8Tensor:
-    return Q8Tensor(huge_empty((rows, padded(cols)), np.int8),
+    return Q8Tensor(np.empty((rows, padded(cols)), np.int8),
                     np.empty((rows, padded(cols) // QK), np.uint16), cols)
 
 
@@ -467,7 +442,7 @@ def tiles(w: Q8Tensor) -> Q8Tiles:
     """w repacked for the VNNI kernel (see Q8Tiles); the same size, rows padded to 16."""
     R, Cp = w.q.shape
     G = (R + _GROUP - 1) // _GROUP
-    tq = huge_empty((G, Cp // QK * 512), np.uint8)
+    tq = np.empty((G, Cp // QK * 512), np.uint8)
     td = np.empty((G, Cp // QK, _GROUP), np.uint16)
     _pack_tiles(w.q, w.d, tq, td)
     return Q8Tiles(tq, td, R, w.cols)
