@@ -1,6 +1,7 @@
 """Numba kernels for the parts of a layer that are not matmuls: RMSNorm, RoPE + KV-cache append +
 causal attention (one call per attention slice and step), SwiGLU; and, on VNNI CPUs, a whole
-attention or FFN slice step in one call (attention_block, ffn_block). Shapes in comments:
+attention or FFN slice step in one call (attention_block, ffn_block), also from and to the bytes
+of the q8_0 wire (attention_block_q8, ffn_block_q8: a worker's whole step). Shapes in comments:
 T tokens this step, D model dim, nq / nkv query / key-value heads of the slice, d head dim."""
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from quant.q8_0 import QK, _matmul_tiles, _q8_activations, bf16_bits_to_f32, f32_to_bf16_bits
+from quant.q8_0 import (QK, _matmul_tiles, _pack_activations, _q8_activations, _q8_given, bf16_bits_to_f32,
+                        f32_to_bf16_bits, finite_scales, wire_views)
 
 # fast-math without reassociation: sums keep their written order (see attention); numpy's error
 # model: a division by zero gives inf or NaN, where Python's zero-division check kept every loop
@@ -218,3 +220,31 @@ def ffn_block(XQ, XC, XS, wgu_q, wgu_d, nu, wdown_q, wdown_d, D):
     out = np.empty((T, D), np.float64)
     _matmul_tiles(wdown_q, wdown_d, D, HQ, HC, HS, out, np.float64(0.0), 4)
     return out
+
+
+# A worker's step on the q8_0 wire, from the request's bytes to the reply's: x [T, D] arrives as
+# Q8_0 blocks, goes into the block as they are (the kernels quantize activations to Q8_0 anyway),
+# and the float64 partial leaves as Q8_0 blocks again (quant.q8_0 quantize_bytes' bits). False,
+# with nothing computed, if a scale of x is infinite or NaN. One compiled call instead of the
+# Python between decode, block and encode: ~10 us of a step on a hot core, more on a CPU-capped
+# host whose caches the kernels and other processes have swept.
+@njit(**_JIT)
+def attention_block_q8(xb, T, wqkv_q, wqkv_d, nqkv, wo_q, wo_d, D, pos, slot, cos, sin, kc, vc,
+                       kv_of_q, nq, yb):
+    XQ, XD = wire_views(xb, T, wqkv_d.shape[1])
+    if not finite_scales(XD):
+        return False
+    XC, XS = _q8_given(XQ, XD)
+    _pack_activations(attention_block(XQ, XC, XS, wqkv_q, wqkv_d, nqkv, wo_q, wo_d, D, pos, slot, cos,
+                                      sin, kc, vc, kv_of_q, nq), yb)
+    return True
+
+
+@njit(**_JIT)
+def ffn_block_q8(xb, T, wgu_q, wgu_d, nu, wdown_q, wdown_d, D, yb):
+    XQ, XD = wire_views(xb, T, wgu_d.shape[1])
+    if not finite_scales(XD):
+        return False
+    XC, XS = _q8_given(XQ, XD)
+    _pack_activations(ffn_block(XQ, XC, XS, wgu_q, wgu_d, nu, wdown_q, wdown_d, D), yb)
+    return True

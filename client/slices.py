@@ -137,6 +137,13 @@ class AttentionSlice:
             o = op.reshape(T, -1)
         return matmul(self.wo, o, acc64=True)                              # [T, D] float64
 
+    def forward_q8(self, xb: np.ndarray, T: int, segs, rope, yb: np.ndarray) -> bool:
+        # xn [T, D] as q8_0 wire bytes -> the partial's into yb (kernels.attention_block_q8)
+        pos, slot = rows_of(segs)
+        return kernels.attention_block_q8(xb, T, self.wqkv.q, self.wqkv.d, self.wqkv.rows, self.wo.q,
+                                          self.wo.d, self.wo.rows, pos, slot, rope[0], rope[1], self.cache_k,
+                                          self.cache_v, self.kv_of_q, self.heads[1] - self.heads[0], yb)
+
 
 @dataclass
 class FFNSlice:
@@ -152,6 +159,11 @@ class FFNSlice:
                                      self.wdown.q, self.wdown.d, self.wdown.rows)
         h = kernels.swiglu(matmul(self.wgu, xn), nu)                       # [T, |U|]
         return matmul(self.wdown, h, acc64=True)                           # [T, D] float64
+
+    def forward_q8(self, xb: np.ndarray, T: int, yb: np.ndarray) -> bool:
+        # xn [T, D] as q8_0 wire bytes -> the partial's into yb (kernels.ffn_block_q8)
+        return kernels.ffn_block_q8(xb, T, self.wgu.q, self.wgu.d, self.units[1] - self.units[0],
+                                    self.wdown.q, self.wdown.d, self.wdown.rows, yb)
 
 
 def _one_call(x, w_in, w_out) -> bool:
@@ -298,6 +310,23 @@ class SliceSet:
                          if shard.units[1] > shard.units[0] else None)
         s.classifier = w("classifier")
         return s
+
+    def run_q8(self, op: str, layer: int, xb: np.ndarray, T: int, segs) -> np.ndarray | None:
+        """An attention or FFN step of a worker whose activations come and whose partial sums go
+        on the q8_0 wire, from the request's bytes xb (uint8, [T, D] in Q8_0) to the reply's in
+        one compiled call: the bits of run() on the decoded x, then quantize_bytes. None where
+        that does not apply (no slice of this block here, weights not in VNNI tiles): run()
+        then. FloatingPointError if a scale of x is infinite or NaN."""
+        s = (self.attn if op == "attention" else self.ffn)[layer]
+        if s is None:
+            return None
+        w_in, w_out = (s.wqkv, s.wo) if op == "attention" else (s.wgu, s.wdown)
+        if not (isinstance(w_in, q8.Q8Tiles) and isinstance(w_out, q8.Q8Tiles)):
+            return None
+        yb = np.empty(q8.nbytes(T, self.classifier.shape[1]), np.uint8)
+        if not (s.forward_q8(xb, T, segs, self.rope, yb) if op == "attention" else s.forward_q8(xb, T, yb)):
+            raise FloatingPointError("x holds NaN or infinity (a Q8_0 scale)")
+        return yb
 
     def run(self, op: str, layer: int, x: np.ndarray, segs) -> np.ndarray | None:
         """One step by name: what a worker does with a StepRequest. segs [(slot, p0, n)] place

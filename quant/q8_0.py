@@ -259,24 +259,31 @@ def quantize(w: np.ndarray, src_dtype: str | None = None, out: Q8Tensor | None =
     return out
 
 
+@njit(inline="always")
+def wire_views(buf, T, nblk):
+    # the bytes of a Q8Tensor [T, nblk * 32] as the q8_0 wire carries it (uint8) -> its quants
+    # [T, nblk * 32] int8, then its fp16 scales [T, nblk] (views)
+    nq = T * nblk * QK
+    return buf[:nq].view(np.int8).reshape((T, nblk * QK)), buf[nq:].view(np.uint16).reshape((T, nblk))
+
+
 @njit(**_JIT)
 def _pack_activations(X, buf):
-    # X [T, C] f32 -> buf: the Q8Tensor's bytes, quants [T, padded(C)] int8 then scales
-    # [T, padded(C)/32] fp16 (the q8_0 wire), written in place (~2 us for a 2048-vector;
-    # quantize() and the views around it cost ~6)
+    # X [T, C] f32 (or f64, each value rounded to f32) -> buf: the Q8Tensor's bytes (the q8_0
+    # wire), written in place (~2 us for a 2048-vector; quantize() and the views around it cost ~6)
     T = X.shape[0]
-    nblk = (X.shape[1] + QK - 1) // QK
-    nq = T * nblk * QK
-    q = buf[:nq].view(np.int8).reshape((T, nblk * QK))
-    d = buf[nq:].view(np.uint16).reshape((T, nblk))
+    q, d = wire_views(buf, T, (X.shape[1] + QK - 1) // QK)
     for t in range(T):
         _quantize_row(X, SRC_F32, q, d, t)
 
 
 def quantize_bytes(X: np.ndarray) -> np.ndarray:
     """Activations [T, C] -> the bytes (uint8) of their Q8Tensor, quants then scales, as the
-    q8_0 wire carries them: the same bits as quantize(X)."""
-    X = np.ascontiguousarray(X, np.float32)
+    q8_0 wire carries them: the same bits as quantize(X). float64 rows (partial sums) are read
+    as they are, each value rounded to float32 on load: the bits of quantize(X.astype(float32))
+    without the copy."""
+    if X.dtype != np.float64 or not X.flags.c_contiguous:
+        X = np.ascontiguousarray(X, np.float32)
     nq = X.shape[0] * padded(X.shape[1])
     buf = np.empty(nq + nq // 16, np.uint8)
     _pack_activations(X, buf)

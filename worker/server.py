@@ -290,8 +290,7 @@ class Worker(rpc.WorkerServicer):
                 raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "no OPEN before steps")
             else:
                 t = time.perf_counter()
-                y = self.step(state["slices"], req, state["x_wire"])
-                reply.y = encode(y, "f32" if req.op == pb.LOGITS else state["wire"])
+                reply.y = self.step(state["slices"], req, state["x_wire"], state["wire"])
                 reply.compute_us = int((time.perf_counter() - t) * 1e6)
                 state["steps"] = state.get("steps", 0) + 1
                 state["compute_us"] = state.get("compute_us", 0) + reply.compute_us
@@ -449,35 +448,38 @@ class Worker(rpc.WorkerServicer):
             up.sessions += 1
         return SliceSet.from_tensors(up.cfg, up.shard, up.tensors, req.ctx, req.kv_dtype, slots), up, kv
 
-    def step(self, slices: SliceSet, req, x_wire: str) -> np.ndarray:
-        """x in `x_wire` -> the slices' partial sum (or logits). q8_0 activations stay quantized:
-        the kernels take them as they are (quant.q8_0.matmul)."""
+    def step(self, slices: SliceSet, req, x_wire: str, wire: str) -> bytes:
+        """x in `x_wire` -> the bytes of the slices' partial sum in `wire` (logits: f32). q8_0
+        activations stay quantized: the kernels take them as they are (quant.q8_0.matmul); with
+        partial sums on the q8_0 wire too, request bytes to reply bytes in one compiled call
+        (SliceSet.run_q8), the same bits as decode, run, encode."""
         op = OPS.get(req.op)
         if op is None:
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown op {req.op}")
-        D = slices.classifier.shape[1]
-        try:
-            x = (decode_q8(req.x, req.tokens, D) if x_wire == "q8_0"
-                 else decode(req.x, req.tokens, D, x_wire))
-        except WireError as e:
-            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if x.shape[1] != D or req.layer >= len(slices.ffn):
+        D, T = slices.classifier.shape[1], req.tokens
+        if req.layer >= len(slices.ffn):
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"step {op} layer {req.layer} x {list(x.shape)}: expected [T, {D}], "
-                            f"layer < {len(slices.ffn)}")
+                            f"step {op} layer {req.layer}: expected layer < {len(slices.ffn)}")
         segs = Worker.segments(slices, req) if op == "attention" else None  # (only it has caches)
-        out = req.tokens * (slices.classifier.shape[0] * 4 if op == "logits" else D * 8)
+        out = T * (slices.classifier.shape[0] * 4 if op == "logits" else D * 8)
         if out > self.limits.max_message - 64:
             raise StepError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"step {op} of {req.tokens} tokens: its reply would take {human_bytes(out)}, "
+                            f"step {op} of {T} tokens: its reply would take {human_bytes(out)}, "
                             f"over this worker's --max-message-mb: send fewer tokens per step")
-        if not finite(x):
-            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"step {op}: x holds NaN or infinity")
         try:
+            if x_wire == wire == "q8_0" and op != "logits" and 0 < T and len(req.x) == q8_0.nbytes(T, D):
+                y = slices.run_q8(op, req.layer, np.frombuffer(req.x, np.uint8), T, segs)
+                if y is not None:
+                    return y.tobytes()
+            x = decode_q8(req.x, T, D) if x_wire == "q8_0" else decode(req.x, T, D, x_wire)
+            if not finite(x):
+                raise FloatingPointError("x holds NaN or infinity")
             y = slices.run(op, req.layer, x, segs)
+        except (WireError, FloatingPointError) as e:
+            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"step {op}: {e}")
         except ArithmeticError as e:  # a Numba kernel with Python's error model (quant) raises on a zero divisor
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"step {op}: {e} (activations too large?)")
-        return np.zeros(x.shape, np.float64) if y is None else y
+        return encode(np.zeros((T, D), np.float64) if y is None else y, "f32" if op == "logits" else wire)
 
     @staticmethod
     def segments(slices: SliceSet, req) -> list[tuple[int, int, int]]:
@@ -522,8 +524,11 @@ def warm_up() -> None:
             for op in ("attention", "ffn", "logits"):
                 for xs in (x, xq, xf):
                     slices.run(op, 0, xs, [(0, 0, T)])
-    for wire in WIRES:
-        decode(encode(np.ones((1, 64), np.float32), wire), 1, 64, wire)
+            for op in ("attention", "ffn"):  # the q8_0 wire both ways: bytes (read-only) to bytes
+                slices.run_q8(op, 0, np.frombuffer(encode(x, "q8_0"), np.uint8), T, [(0, 0, T)])
+    for wire in WIRES:  # activations (float32) and partial sums (float64) on every wire
+        for a in (np.ones((1, 64), np.float32), np.ones((1, 64), np.float64)):
+            decode(encode(a, wire), 1, 64, wire)
 
 
 class StepError(Exception):
