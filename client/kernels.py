@@ -1,7 +1,7 @@
 """Numba kernels for the parts of a layer that are not matmuls: RMSNorm, RoPE + KV-cache append +
 causal attention (one call per attention slice and step), SwiGLU; and, on VNNI CPUs, a whole
-attention or FFN slice step in one call (attention_block, ffn_block), also from and to the bytes
-of the q8_0 wire (attention_block_q8, ffn_block_q8: a worker's whole step). Shapes in comments:
+attention or FFN slice step in one call (attention_block, ffn_block), also from the bytes of the
+q8_0 wire to those of the reply (attention_step_wire, ffn_step_wire: a worker's whole step). Shapes in comments:
 T tokens this step, D model dim, nq / nkv query / key-value heads of the slice, d head dim."""
 from __future__ import annotations
 
@@ -222,29 +222,52 @@ def ffn_block(XQ, XC, XS, wgu_q, wgu_d, nu, wdown_q, wdown_d, D):
     return out
 
 
-# A worker's step on the q8_0 wire, from the request's bytes to the reply's: x [T, D] arrives as
-# Q8_0 blocks, goes into the block as they are (the kernels quantize activations to Q8_0 anyway),
-# and the float64 partial leaves as Q8_0 blocks again (quant.q8_0 quantize_bytes' bits). False,
-# with nothing computed, if a scale of x is infinite or NaN. One compiled call instead of the
-# Python between decode, block and encode: ~10 us of a step on a hot core, more on a CPU-capped
-# host whose caches the kernels and other processes have swept.
+# A worker's step whose activations came on the q8_0 wire, from the request's bytes to the reply's:
+# x [T, D] arrives as Q8_0 blocks, goes into the block as they are (the kernels quantize
+# activations to Q8_0 anyway), and the float64 partial leaves in the session's wire, `out`:
+# OUT_Q8 (quant.q8_0.quantize_bytes' bits), OUT_F32 (rounded, as numpy's astype) or OUT_F64.
+# False, with nothing computed, if a scale of x is infinite or NaN. One compiled call instead
+# of the Python between decode, block and encode: ~10 us of a step on a hot core, more on a
+# CPU-capped host whose caches the kernels and other processes have swept.
+OUT_Q8, OUT_F32, OUT_F64 = 0, 1, 2
+
+
+@njit(inline="always")
+def _to_wire(y, yb, out):
+    # y [T, D] float64 -> yb (uint8): its bytes in wire `out`
+    if out == OUT_Q8:
+        _pack_activations(y, yb)
+        return
+    T, D = y.shape
+    if out == OUT_F32:
+        f = yb.view(np.float32)
+        for t in range(T):
+            for i in range(D):
+                f[t * D + i] = y[t, i]
+    else:
+        g = yb.view(np.float64)
+        for t in range(T):
+            for i in range(D):
+                g[t * D + i] = y[t, i]
+
+
 @njit(**_JIT)
-def attention_block_q8(xb, T, wqkv_q, wqkv_d, nqkv, wo_q, wo_d, D, pos, slot, cos, sin, kc, vc,
-                       kv_of_q, nq, yb):
+def attention_step_wire(xb, T, wqkv_q, wqkv_d, nqkv, wo_q, wo_d, D, pos, slot, cos, sin, kc, vc,
+                        kv_of_q, nq, yb, out):
     XQ, XD = wire_views(xb, T, wqkv_d.shape[1])
     if not finite_scales(XD):
         return False
     XC, XS = _q8_given(XQ, XD)
-    _pack_activations(attention_block(XQ, XC, XS, wqkv_q, wqkv_d, nqkv, wo_q, wo_d, D, pos, slot, cos,
-                                      sin, kc, vc, kv_of_q, nq), yb)
+    _to_wire(attention_block(XQ, XC, XS, wqkv_q, wqkv_d, nqkv, wo_q, wo_d, D, pos, slot, cos, sin,
+                             kc, vc, kv_of_q, nq), yb, out)
     return True
 
 
 @njit(**_JIT)
-def ffn_block_q8(xb, T, wgu_q, wgu_d, nu, wdown_q, wdown_d, D, yb):
+def ffn_step_wire(xb, T, wgu_q, wgu_d, nu, wdown_q, wdown_d, D, yb, out):
     XQ, XD = wire_views(xb, T, wgu_d.shape[1])
     if not finite_scales(XD):
         return False
     XC, XS = _q8_given(XQ, XD)
-    _pack_activations(ffn_block(XQ, XC, XS, wgu_q, wgu_d, nu, wdown_q, wdown_d, D), yb)
+    _to_wire(ffn_block(XQ, XC, XS, wgu_q, wgu_d, nu, wdown_q, wdown_d, D), yb, out)
     return True

@@ -29,6 +29,7 @@ from quant import q8_0 as q8
 from quant.q8_0 import matmul, quantize
 
 KV_DTYPES = {"bf16": np.uint16, "f32": np.float32}
+_WIRE_OUT = {"q8_0": kernels.OUT_Q8, "f32": kernels.OUT_F32, "f64": kernels.OUT_F64}  # (SliceSet.run_wire)
 
 
 @dataclass(frozen=True)
@@ -137,12 +138,12 @@ class AttentionSlice:
             o = op.reshape(T, -1)
         return matmul(self.wo, o, acc64=True)                              # [T, D] float64
 
-    def forward_q8(self, xb: np.ndarray, T: int, segs, rope, yb: np.ndarray) -> bool:
-        # xn [T, D] as q8_0 wire bytes -> the partial's into yb (kernels.attention_block_q8)
+    def forward_wire(self, xb: np.ndarray, T: int, segs, rope, yb: np.ndarray, out: int) -> bool:
+        # xn [T, D] as q8_0 wire bytes -> the partial's bytes into yb (kernels.attention_step_wire)
         pos, slot = rows_of(segs)
-        return kernels.attention_block_q8(xb, T, self.wqkv.q, self.wqkv.d, self.wqkv.rows, self.wo.q,
-                                          self.wo.d, self.wo.rows, pos, slot, rope[0], rope[1], self.cache_k,
-                                          self.cache_v, self.kv_of_q, self.heads[1] - self.heads[0], yb)
+        return kernels.attention_step_wire(xb, T, self.wqkv.q, self.wqkv.d, self.wqkv.rows, self.wo.q,
+                                           self.wo.d, self.wo.rows, pos, slot, rope[0], rope[1], self.cache_k,
+                                           self.cache_v, self.kv_of_q, self.heads[1] - self.heads[0], yb, out)
 
 
 @dataclass
@@ -160,10 +161,10 @@ class FFNSlice:
         h = kernels.swiglu(matmul(self.wgu, xn), nu)                       # [T, |U|]
         return matmul(self.wdown, h, acc64=True)                           # [T, D] float64
 
-    def forward_q8(self, xb: np.ndarray, T: int, yb: np.ndarray) -> bool:
-        # xn [T, D] as q8_0 wire bytes -> the partial's into yb (kernels.ffn_block_q8)
-        return kernels.ffn_block_q8(xb, T, self.wgu.q, self.wgu.d, self.units[1] - self.units[0],
-                                    self.wdown.q, self.wdown.d, self.wdown.rows, yb)
+    def forward_wire(self, xb: np.ndarray, T: int, yb: np.ndarray, out: int) -> bool:
+        # xn [T, D] as q8_0 wire bytes -> the partial's bytes into yb (kernels.ffn_step_wire)
+        return kernels.ffn_step_wire(xb, T, self.wgu.q, self.wgu.d, self.units[1] - self.units[0],
+                                     self.wdown.q, self.wdown.d, self.wdown.rows, yb, out)
 
 
 def _one_call(x, w_in, w_out) -> bool:
@@ -311,20 +312,24 @@ class SliceSet:
         s.classifier = w("classifier")
         return s
 
-    def run_q8(self, op: str, layer: int, xb: np.ndarray, T: int, segs) -> np.ndarray | None:
-        """An attention or FFN step of a worker whose activations come and whose partial sums go
-        on the q8_0 wire, from the request's bytes xb (uint8, [T, D] in Q8_0) to the reply's in
-        one compiled call: the bits of run() on the decoded x, then quantize_bytes. None where
-        that does not apply (no slice of this block here, weights not in VNNI tiles): run()
+    def run_wire(self, op: str, layer: int, xb: np.ndarray, T: int, segs, wire: str) -> np.ndarray | None:
+        """An attention or FFN step of a worker whose activations came on the q8_0 wire, from the
+        request's bytes xb (uint8, [T, D] in Q8_0) to the bytes of the partial sum in `wire`, in
+        one compiled call: the bits of run() on the decoded x, then encode. None where that does
+        not apply (no slice of this block here, weights not in VNNI tiles, a bf16 wire): run()
         then. FloatingPointError if a scale of x is infinite or NaN."""
         s = (self.attn if op == "attention" else self.ffn)[layer]
-        if s is None:
+        out = _WIRE_OUT.get(wire)
+        if s is None or out is None:
             return None
         w_in, w_out = (s.wqkv, s.wo) if op == "attention" else (s.wgu, s.wdown)
         if not (isinstance(w_in, q8.Q8Tiles) and isinstance(w_out, q8.Q8Tiles)):
             return None
-        yb = np.empty(q8.nbytes(T, self.classifier.shape[1]), np.uint8)
-        if not (s.forward_q8(xb, T, segs, self.rope, yb) if op == "attention" else s.forward_q8(xb, T, yb)):
+        D = self.classifier.shape[1]
+        yb = np.empty(q8.nbytes(T, D) if out == kernels.OUT_Q8 else T * D * (4 if out == kernels.OUT_F32 else 8),
+                      np.uint8)
+        if not (s.forward_wire(xb, T, segs, self.rope, yb, out) if op == "attention"
+                else s.forward_wire(xb, T, yb, out)):
             raise FloatingPointError("x holds NaN or infinity (a Q8_0 scale)")
         return yb
 

@@ -148,34 +148,39 @@ def test_one_call_slice_steps_equal_the_composed_kernels(weights, story_ids, mon
     assert all(np.array_equal(a, b) for a, b in zip(one_call[1], composed[1]))
 
 
-def test_q8_wire_steps_equal_decode_run_encode(story_ids):
-    """A worker's attention / FFN step on the q8_0 wire runs from the request's bytes to the
-    reply's in one compiled call (SliceSet.run_q8): it must give the bytes of decoding x,
-    running the step and quantizing the partial (decode_q8, run, encode), on every shard of
-    an uneven 5-node plan (padded heads, a last FFN slice of 44 units), for a prompt and for
-    single tokens; and refuse x with a non-finite scale."""
+def test_wire_steps_equal_decode_run_encode(story_ids):
+    """A worker's attention / FFN step with activations on the q8_0 wire runs from the
+    request's bytes to the reply's in one compiled call (SliceSet.run_wire): it must give the
+    bytes of decoding x, running the step and encoding the partial (decode_q8, run, encode) for
+    partial sums in q8_0, f32 and f64, on every shard of an uneven 5-node plan (padded heads, a
+    last FFN slice of 44 units), for a prompt and for single tokens; leave bf16 to run(); and
+    refuse x with a non-finite scale."""
     from client.checkpoint import Checkpoint
     from client.slices import SliceSet
     from proto.wire import decode_q8, encode
     from quant import q8_0 as Q
     if not Q.VNNI:
-        pytest.skip("the q8_0 wire's one-call steps run on VNNI weights only (no AVX-512 VNNI here)")
+        pytest.skip("the one-call wire steps run on VNNI weights only (no AVX-512 VNNI here)")
     cfg, ckpt = LlamaConfig.load(STORIES), Checkpoint(STORIES)
     rng, ran = np.random.default_rng(3), 0
     for shard in plan_shards(cfg, [3, 1, 1, 2, 1]):
         a, b = (SliceSet.build(ckpt, cfg, shard, "q8_0", "bf16", 64) for _ in range(2))
         p0 = 0
-        for T in (7, 1, 1, 1):
+        for T, wire in ((7, "q8_0"), (1, "f32"), (1, "f64"), (1, "q8_0"), (1, "bf16")):
             segs = [(0, p0, T)]
             for layer in range(cfg.n_layers):
                 for op in ("attention", "ffn"):
                     xb = encode(rng.standard_normal((T, cfg.dim)).astype(np.float32), "q8_0")
-                    fast = a.run_q8(op, layer, np.frombuffer(xb, np.uint8), T, segs)
+                    fast = a.run_wire(op, layer, np.frombuffer(xb, np.uint8), T, segs, wire)
+                    if wire == "bf16":
+                        assert fast is None
+                        y = a.run(op, layer, decode_q8(xb, T, cfg.dim), segs)  # (the caches move on alike)
+                        fast = None if y is None else encode(y, wire)
                     slow = b.run(op, layer, decode_q8(xb, T, cfg.dim), segs)
                     assert (fast is None) == (slow is None)
-                    ran += fast is not None
+                    ran += fast is not None and wire != "bf16"
                     if slow is not None:
-                        assert fast.tobytes() == encode(slow, "q8_0")
+                        assert bytes(fast) == encode(slow, wire)
             p0 += T
         assert ran
         bad = bytearray(encode(np.ones((1, cfg.dim), np.float32), "q8_0"))
@@ -183,7 +188,7 @@ def test_q8_wire_steps_equal_decode_run_encode(story_ids):
         for op in ("attention", "ffn"):
             if (a.attn if op == "attention" else a.ffn)[0] is not None:
                 with pytest.raises(FloatingPointError):
-                    a.run_q8(op, 0, np.frombuffer(bytes(bad), np.uint8), 1, [(0, p0, 1)])
+                    a.run_wire(op, 0, np.frombuffer(bytes(bad), np.uint8), 1, [(0, p0, 1)], "f32")
 
 
 def test_plan_covers_everything_in_proportion():

@@ -450,9 +450,9 @@ class Worker(rpc.WorkerServicer):
 
     def step(self, slices: SliceSet, req, x_wire: str, wire: str) -> bytes:
         """x in `x_wire` -> the bytes of the slices' partial sum in `wire` (logits: f32). q8_0
-        activations stay quantized: the kernels take them as they are (quant.q8_0.matmul); with
-        partial sums on the q8_0 wire too, request bytes to reply bytes in one compiled call
-        (SliceSet.run_q8), the same bits as decode, run, encode."""
+        activations stay quantized: the kernels take them as they are (quant.q8_0.matmul), from
+        the request's bytes to the reply's in one compiled call (SliceSet.run_wire), the same
+        bits as decode, run, encode."""
         op = OPS.get(req.op)
         if op is None:
             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown op {req.op}")
@@ -467,8 +467,8 @@ class Worker(rpc.WorkerServicer):
                             f"step {op} of {T} tokens: its reply would take {human_bytes(out)}, "
                             f"over this worker's --max-message-mb: send fewer tokens per step")
         try:
-            if x_wire == wire == "q8_0" and op != "logits" and 0 < T and len(req.x) == q8_0.nbytes(T, D):
-                y = slices.run_q8(op, req.layer, np.frombuffer(req.x, np.uint8), T, segs)
+            if x_wire == "q8_0" and op != "logits" and 0 < T and len(req.x) == q8_0.nbytes(T, D):
+                y = slices.run_wire(op, req.layer, np.frombuffer(req.x, np.uint8), T, segs, wire)
                 if y is not None:
                     return y.tobytes()
             x = decode_q8(req.x, T, D) if x_wire == "q8_0" else decode(req.x, T, D, x_wire)
@@ -524,8 +524,8 @@ def warm_up() -> None:
             for op in ("attention", "ffn", "logits"):
                 for xs in (x, xq, xf):
                     slices.run(op, 0, xs, [(0, 0, T)])
-            for op in ("attention", "ffn"):  # the q8_0 wire both ways: bytes (read-only) to bytes
-                slices.run_q8(op, 0, np.frombuffer(encode(x, "q8_0"), np.uint8), T, [(0, 0, T)])
+            for op in ("attention", "ffn"):  # q8_0 activations (read-only bytes) to a reply's bytes
+                slices.run_wire(op, 0, np.frombuffer(encode(x, "q8_0"), np.uint8), T, [(0, 0, T)], "q8_0")
     for wire in WIRES:  # activations (float32) and partial sums (float64) on every wire
         for a in (np.ones((1, 64), np.float32), np.ones((1, 64), np.float64)):
             decode(encode(a, wire), 1, 64, wire)
