@@ -38,6 +38,7 @@ from proto.security import ServerTLS, check_bind, is_loopback
 from worker.cache import TensorCache
 from worker.gate import Gate, peer_host
 from worker.sessions import FIRST_REQUEST_S, Sessions
+from worker.steploop import BROKEN, CLOSED, Loop
 from proto import tensorlan_pb2_grpc as rpc
 from proto.wire import (PROTOCOL_VERSION, WIRES, FrameReader, FrameTooLarge, WireError, decode, decode_q8,
                         encode, finite, frame, parse, request_wire, send_frame, tensor_nbytes,
@@ -286,6 +287,8 @@ class Worker(rpc.WorkerServicer):
                 state["slices"], state["upload"], state["kv_bytes"] = opened
                 state["wire"] = req.wire or "f32"
                 state["x_wire"] = req.x_wire or request_wire(state["wire"])
+                state["loop"] = (None if self.tls else  # (the step channel's plain socket only)
+                                 Loop.of(state["slices"], state["x_wire"], state["wire"], self.limits.max_message))
             elif state.get("slices") is None:
                 raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "no OPEN before steps")
             else:
@@ -305,6 +308,7 @@ class Worker(rpc.WorkerServicer):
         """The end of a session (or a second OPEN in it, or its expiry): its KV caches are
         freed and its shard is no longer in use by it."""
         state.pop("slices", None)
+        state.pop("loop", None)
         state.pop("kv_bytes", None)
         up = state.pop("upload", None)
         if up is not None:
@@ -388,6 +392,19 @@ class Worker(rpc.WorkerServicer):
         token: UNAUTHENTICATED, closed."""
         frames = FrameReader(conn, spin=self.spin, max_frame=self.limits.max_message)
         while True:
+            loop = session.state.get("loop")
+            if loop is not None and session.authenticated:  # plain steps: compiled (steploop.py)
+                with session.serving() as live:
+                    if not live:
+                        return
+                    why, frames.start, frames.end = loop.run(conn.fileno(), np.frombuffer(frames.buf, np.uint8),
+                                                             frames.start, frames.end, self.spin)
+                    steps, us = loop.take_stats()
+                    session.state["steps"] = session.state.get("steps", 0) + steps
+                    session.state["compute_us"] = session.state.get("compute_us", 0) + us
+                if why == BROKEN:  # a reply could not be sent: the client is gone
+                    return
+                # anything else (a frame for Python, an idle or closed socket, a full buffer): below
             try:
                 raw = frames.read_raw()
             except FrameTooLarge as e:
@@ -526,6 +543,16 @@ def warm_up() -> None:
                     slices.run(op, 0, xs, [(0, 0, T)])
             for op in ("attention", "ffn"):  # q8_0 activations (read-only bytes) to a reply's bytes
                 slices.run_wire(op, 0, np.frombuffer(encode(x, "q8_0"), np.uint8), T, [(0, 0, T)], "q8_0")
+        loop = Loop.of(slices, "q8_0", "f32", 1 << 20)  # the compiled step loop, over a socket pair
+        if loop is not None:
+            a, b = socket.socketpair()
+            with a, b:
+                x = encode(rng.standard_normal((1, 64)).astype(np.float32), "q8_0")
+                a.sendall(frame(pb.StepRequest(seq=7, op=pb.ATTENTION, layer=0, pos=3, tokens=1, x=x)))
+                a.shutdown(socket.SHUT_WR)
+                why, _, _ = loop.run(b.fileno(), np.zeros(4096, np.uint8), 0, 0, 0.0)
+                reply, _ = FrameReader(a, spin=0.0).read(pb.StepReply)
+                assert why == CLOSED and reply.seq == 7 and len(reply.y) == 64 * 4, (why, reply)
     for wire in WIRES:  # activations (float32) and partial sums (float64) on every wire
         for a in (np.ones((1, 64), np.float32), np.ones((1, 64), np.float64)):
             decode(encode(a, wire), 1, 64, wire)
