@@ -77,17 +77,23 @@ class Material:
             out += [pb.UploadChunk(data=data[k:k + 50_000]) for k in range(0, len(data), 50_000)]
         return out
 
+    q8 = False   # the session's activations travel as q8_0 (a VNNI worker's compiled step loop
+                 # takes its plain steps: worker/steploop.py), else as f32
+
     def step(self, rng: random.Random, op=None) -> pb.StepRequest:
-        """A valid request of an open session (ctx 64, f32 wire) or its OPEN."""
+        """A valid request of an open session (ctx 64; f32 activations and partials, or q8_0
+        activations with f32 or q8_0 partials) or its OPEN."""
         op = rng.choice([pb.OPEN, pb.ATTENTION, pb.FFN, pb.LOGITS, pb.PING]) if op is None else op
         if op == pb.OPEN:
             return pb.StepRequest(seq=rng.randrange(1 << 20), op=pb.OPEN, slice_set_id=self.sid, ctx=64,
-                                  kv_dtype=rng.choice(["bf16", "f32"]), wire="f32")
+                                  kv_dtype=rng.choice(["bf16", "f32"]),
+                                  wire=rng.choice(["f32", "q8_0"]) if self.q8 else "f32",
+                                  x_wire="q8_0" if self.q8 else "")
         T = rng.choice([1, 1, 2, 5])
         x = np.asarray(np.random.default_rng(rng.randrange(1 << 30)).standard_normal((T, self.cfg.dim)),
                        np.float32)
         return pb.StepRequest(seq=rng.randrange(1 << 20), op=op, layer=rng.randrange(self.cfg.n_layers),
-                              pos=rng.randrange(60), tokens=T, x=encode(x, "f32"))
+                              pos=rng.randrange(60), tokens=T, x=encode(x, "q8_0" if self.q8 else "f32"))
 
 
 # -- mutations --------------------------------------------------------------------------------
@@ -325,6 +331,7 @@ class Fuzzer:
         length header, a frame cut short, or a disconnect mid-frame."""
         s = socket.create_connection(("127.0.0.1", self.data_port), timeout=10)
         frames = FrameReader(s, spin=0)
+        self.m.q8 = self.rng.random() < 0.5
         try:
             first = self.m.step(self.rng, pb.OPEN if self.rng.random() < 0.8 else pb.PING)
             first.token = TOKEN if self.rng.random() < 0.93 else self.rng.choice(["", "wrong"])

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not Q.VNNI, reason="the compiled step loop runs 
 def pair(shard, wire):
     cfg = LlamaConfig.load(STORIES)
     ckpt = Checkpoint(STORIES)
-    a, b = (SliceSet.build(ckpt, cfg, shard, "q8_0", "bf16", 64) for _ in range(2))
+    a, b = (SliceSet.build(ckpt, cfg, shard, "q8_0", "bf16", 64, slots=2) for _ in range(2))
     return cfg, a, b, Loop.of(a, "q8_0", wire, 1 << 20)
 
 
@@ -47,19 +47,25 @@ def serve(loop, frames: list[bytes], buf_size=1 << 16, close=True):
 def test_loop_replies_equal_the_python_path(wire):
     cfg = LlamaConfig.load(STORIES)
     for shard in plan_shards(cfg, [3, 1, 1])[:2]:   # padded heads; FFN units not a multiple of 32
-        cfg, a, b, loop = pair(shard, wire)
+        cfg, _, b, loop = pair(shard, wire)
         assert loop is not None
-        rng, frames, expected, p0 = np.random.default_rng(5), [], [], 0
-        for T in (6, 1, 1):
+        rng, frames, expected = np.random.default_rng(5), [], []
+        # slot 0: a prompt of 6, then a token; slot 1: a prompt of 3; then both as one batch
+        for segs in ([(0, 0, 6)], [(0, 6, 1)], [(1, 0, 3)], [(0, 7, 1), (1, 3, 1)], [(1, 4, 2), (0, 8, 1)]):
+            T = sum(m for _, _, m in segs)
             for layer in range(cfg.n_layers):
                 for op in (pb.ATTENTION, pb.FFN):
                     xb = encode(rng.standard_normal((T, cfg.dim)).astype(np.float32), "q8_0")
                     seq = len(frames) + 1000
-                    frames.append(frame(pb.StepRequest(seq=seq, op=op, layer=layer, pos=p0, tokens=T, x=xb)))
+                    req = pb.StepRequest(seq=seq, op=op, layer=layer, tokens=T, x=xb)
+                    if segs[0][0] == 0 and len(segs) == 1:
+                        req.pos = segs[0][1]
+                    else:
+                        req.seg_slot[:], req.seg_pos[:], req.seg_len[:] = zip(*segs)
+                    frames.append(frame(req))
                     name = "attention" if op == pb.ATTENTION else "ffn"
-                    y = b.run(name, layer, decode_q8(xb, T, cfg.dim), [(0, p0, T)])
+                    y = b.run(name, layer, decode_q8(xb, T, cfg.dim), segs)
                     expected.append((seq, encode(y, wire)))
-            p0 += T
         why, left, replies = serve(loop, frames)
         assert why == CLOSED and left == b""
         assert [(r.seq, r.y) for r in replies] == expected
@@ -70,7 +76,7 @@ def test_loop_replies_equal_the_python_path(wire):
 
 def test_loop_leaves_other_frames_to_python():
     cfg = LlamaConfig.load(STORIES)
-    cfg, a, b, loop = pair(plan_shards(cfg, [1, 1])[0], "f32")
+    cfg, _, _, loop = pair(plan_shards(cfg, [1, 1])[0], "f32")
     D = cfg.dim
     x1 = encode(np.ones((1, D), np.float32), "q8_0")
     ok = frame(pb.StepRequest(seq=1, op=pb.FFN, layer=0, tokens=1, x=x1))
@@ -80,7 +86,13 @@ def test_loop_leaves_other_frames_to_python():
         pb.StepRequest(seq=2, op=pb.LOGITS, tokens=1, x=x1),                    # not a layer step
         pb.StepRequest(seq=2, op=pb.PING, x=x1),
         pb.StepRequest(seq=2, op=pb.FFN, layer=0, tokens=1, x=x1, token="t"),  # a field it does not take
-        pb.StepRequest(seq=2, op=pb.FFN, layer=0, tokens=1, x=x1, seg_len=[1]),
+        pb.StepRequest(seq=2, op=pb.ATTENTION, layer=0, tokens=1, x=x1, seg_len=[1]),  # segments: 1 of 3
+        pb.StepRequest(seq=2, op=pb.ATTENTION, layer=0, tokens=2, x=x1 + x1, seg_slot=[0], seg_pos=[0],
+                       seg_len=[1]),                                            # rows: 1 of 2
+        pb.StepRequest(seq=2, op=pb.ATTENTION, layer=0, tokens=1, x=x1, seg_slot=[2], seg_pos=[0],
+                       seg_len=[1]),                                            # slot 2 of 2
+        pb.StepRequest(seq=2, op=pb.ATTENTION, layer=0, tokens=1, x=x1, seg_slot=[0], seg_pos=[0],
+                       seg_len=[0]),                                            # an empty segment
         pb.StepRequest(seq=2, op=pb.FFN, layer=cfg.n_layers, tokens=1, x=x1),  # layer out of range
         pb.StepRequest(seq=2, op=pb.FFN, layer=0, tokens=2, x=x1),             # x of the wrong size
         pb.StepRequest(seq=2, op=pb.FFN, layer=0, tokens=0, x=b""),
@@ -91,6 +103,8 @@ def test_loop_leaves_other_frames_to_python():
         b"\x05\x00\x00\x00\x08\xff\xff\xff\xff",           # a varint that runs past the frame
         b"\x03\x00\x00\x00\x32\x05\x01",                   # x longer than the frame
         b"\x02\x00\x00\x00\x0f\x01",                       # wire type 7
+        b"\x04\x00\x00\x00\x6a\x02\x01\x80",               # seg_slot: a varint cut by its field
+        b"\x06\x00\x00\x00\x6a\x01\x00\x6a\x01\x00",       # seg_slot twice (Python concatenates)
     ]
     for r in raw:
         why, left, replies = serve(loop, [ok, r, ok])

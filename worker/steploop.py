@@ -2,13 +2,12 @@
 
 Worker.serve_session hands the connection's socket and its read buffer to `Loop.run` while it
 holds the session. The compiled loop waits for bytes (poll, then recv), and takes every frame
-that is a plain step: a StepRequest of fields seq, op (ATTENTION or FFN), layer, pos, tokens and
-x only, whose x is q8_0 bytes of the right size, within the session's caches and the worker's
+that is a plain step: a StepRequest of fields seq, op (ATTENTION or FFN), layer, pos, tokens, x
+and the segments only, whose x is q8_0 bytes of the right size, within the session's caches and the worker's
 reply limit. It runs it through the same compiled block as SliceSet.run_wire
 (kernels.attention_step_wire / ffn_step_wire), and sends the StepReply (seq, y, compute_us) that
 Worker.handle would have sent. It returns to Python for anything else, with that frame still
-buffered: any other frame (OPEN, LOGITS, PING, segments, a token, x not finite, a malformed
-one: Python parses it and answers as always), an idle socket (IDLE_MS without a byte: Python
+buffered: any other frame (OPEN, LOGITS, PING, a token, x not finite, a malformed one: Python parses it and answers as always), an idle socket (IDLE_MS without a byte: Python
 then blocks in recv without holding the session, so that it can expire), a closed socket, or a
 frame larger than the buffer.
 
@@ -96,7 +95,7 @@ def _send_all(fd, data, n):
 
 
 @njit(**_JIT)
-def _step(fd, buf, p, n, ts, stats, D, ctx, max_reply, out,
+def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
           wqkv_q, wqkv_d, wo_q, wo_d, kv_of_q, cache_k, cache_v, cos, sin, nq,
           wgu_q, wgu_d, wdown_q, wdown_d, nu):
     # the frame buf[p:p + n]: a plain step -> run, reply, 1; anything else -> 0 (Python's);
@@ -104,6 +103,8 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, max_reply, out,
     seq = np.uint64(0)
     op = layer = pos = T = np.uint64(0)
     xo, xl = -1, 0
+    segs = [np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)]  # slot, pos, len
+    seen = np.zeros(3, np.bool_)
     i, end = p, p + n
     while i < end:
         key, i = _varint(buf, i, end)
@@ -132,6 +133,21 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, max_reply, out,
             if i < 0 or ln > np.uint64(end - i):  # (end > i here)
                 return 0
             xo, xl, i = i, np.int64(ln), i + np.int64(ln)
+        elif wt == 2 and f >= 13 and f <= 15:      # seg_slot, seg_pos, seg_len: packed, once each
+            ln, i = _varint(buf, i, end)
+            k = np.int64(f) - 13
+            if i < 0 or ln > np.uint64(end - i) or seen[k]:
+                return 0
+            stop = i + np.int64(ln)
+            vals = np.empty(np.int64(ln), np.int64)
+            c = 0
+            while i < stop:
+                v, i = _varint(buf, i, stop)
+                if i < 0 or v >= np.uint64(1 << 31):
+                    return 0
+                vals[c] = np.int64(v)
+                c += 1
+            segs[k], seen[k] = vals[:c], True
         else:
             return 0
     L = len(wqkv_q)
@@ -139,8 +155,27 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, max_reply, out,
     if (xo < 0 or T_ == 0 or layer_ >= L or (op != ATTENTION and op != FFN)
             or T_ * D * 8 > max_reply or xl != T_ * ((D + 31) // 32) * 34):
         return 0
-    if op == ATTENTION and np.int64(pos) + T_ > ctx:
-        return 0
+    # the rows' cache slots and positions, checked as Worker.segments does (attention only)
+    posa, slot = np.empty(T_, np.int64), np.zeros(T_, np.int64)
+    nseg = len(segs[0])
+    if op == ATTENTION and (nseg or len(segs[1]) or len(segs[2])):
+        if len(segs[1]) != nseg or len(segs[2]) != nseg:
+            return 0
+        r = 0
+        for k in range(nseg):
+            b, p0, m = segs[0][k], segs[1][k], segs[2][k]
+            if b >= slots or m == 0 or p0 + m > ctx or r + m > T_:
+                return 0
+            for t in range(m):
+                posa[r], slot[r] = p0 + t, b
+                r += 1
+        if r != T_:
+            return 0
+    elif op == ATTENTION:
+        if np.int64(pos) + T_ > ctx:
+            return 0
+        for t in range(T_):
+            posa[t] = np.int64(pos) + t
     t0 = _now_us(ts)
     if out == kernels.OUT_Q8:
         ny = T_ * ((D + 31) // 32) * 34
@@ -154,10 +189,6 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, max_reply, out,
     xb = buf[xo:xo + xl]
     if op == ATTENTION:
         l = layer_
-        posa = np.empty(T_, np.int64)
-        for t in range(T_):
-            posa[t] = np.int64(pos) + t
-        slot = np.zeros(T_, np.int64)
         ok = kernels.attention_step_wire(xb, T_, wqkv_q[l], wqkv_d[l], nq[l, 1], wo_q[l], wo_d[l], D, posa,
                                          slot, cos, sin, cache_k[l], cache_v[l], kv_of_q[l], nq[l, 0], yb, out)
     else:
@@ -192,7 +223,7 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, max_reply, out,
 
 
 @njit(**_JIT)
-def _run(fd, buf, start, end, spin_us, max_frame, stats, D, ctx, max_reply, out,
+def _run(fd, buf, start, end, spin_us, max_frame, stats, D, ctx, slots, max_reply, out,
          wqkv_q, wqkv_d, wo_q, wo_d, kv_of_q, cache_k, cache_v, cos, sin, nq,
          wgu_q, wgu_d, wdown_q, wdown_d, nu):
     # -> (why, start, end): buf[start:end] the bytes received and not yet taken
@@ -206,7 +237,7 @@ def _run(fd, buf, start, end, spin_us, max_frame, stats, D, ctx, max_reply, out,
                 return FRAME, start, end
             need = 4 + n
             if end - start >= need:
-                r = _step(fd, buf, start + 4, n, ts, stats, D, ctx, max_reply, out, wqkv_q, wqkv_d, wo_q,
+                r = _step(fd, buf, start + 4, n, ts, stats, D, ctx, slots, max_reply, out, wqkv_q, wqkv_d, wo_q,
                           wo_d, kv_of_q, cache_k, cache_v, cos, sin, nq, wgu_q, wgu_d, wdown_q, wdown_d, nu)
                 if r == 0:
                     return FRAME, start, end
@@ -246,26 +277,26 @@ def _run(fd, buf, start, end, spin_us, max_frame, stats, D, ctx, max_reply, out,
 class Loop:
     """A session's slices as the compiled loop takes them, or None from `of` where it does not
     apply (weights not in VNNI tiles, activations not on the q8_0 wire, bf16 partial sums, a
-    layer without this node's slice). Plain steps are slot 0's, as Worker.segments reads a
-    request without segments; a batch's steps carry segments and go to Python."""
+    layer without this node's slice). A step without segments is slot 0's, as Worker.segments
+    reads it; a batch's steps carry segments (packed, as protobuf writes them), checked the same
+    way."""
 
     def __init__(self, slices, wire: str, max_message: int):
         a0 = slices.attn[0]
-        self.D, self.ctx = slices.classifier.shape[1], a0.cache_v.shape[2]
+        self.D, self.ctx, self.slots = slices.classifier.shape[1], a0.cache_v.shape[2], a0.cache_v.shape[0]
         self.out = {"q8_0": kernels.OUT_Q8, "f32": kernels.OUT_F32, "f64": kernels.OUT_F64}[wire]
         self.max_message, self.max_reply = max_message, max_message - 64
         self.stats = np.zeros(2, np.int64)    # steps, compute us
-        lists = lambda xs: List(xs)  # noqa: E731
-        A, F = slices.attn, slices.ffn
-        self.args = (lists([a.wqkv.q for a in A]), lists([a.wqkv.d for a in A]), lists([a.wo.q for a in A]),
-                     lists([a.wo.d for a in A]), lists([a.kv_of_q for a in A]), lists([a.cache_k for a in A]),
-                     lists([a.cache_v for a in A]), slices.rope[0], slices.rope[1],
+        A, F = slices.attn, slices.ffn  # per layer, as typed lists (the caches: the session's own)
+        self.args = (List([a.wqkv.q for a in A]), List([a.wqkv.d for a in A]), List([a.wo.q for a in A]),
+                     List([a.wo.d for a in A]), List([a.kv_of_q for a in A]), List([a.cache_k for a in A]),
+                     List([a.cache_v for a in A]), slices.rope[0], slices.rope[1],
                      np.array([[a.heads[1] - a.heads[0], a.wqkv.rows] for a in A], np.int64),
-                     lists([f.wgu.q for f in F]), lists([f.wgu.d for f in F]), lists([f.wdown.q for f in F]),
-                     lists([f.wdown.d for f in F]), np.array([f.units[1] - f.units[0] for f in F], np.int64))
+                     List([f.wgu.q for f in F]), List([f.wgu.d for f in F]), List([f.wdown.q for f in F]),
+                     List([f.wdown.d for f in F]), np.array([f.units[1] - f.units[0] for f in F], np.int64))
 
     @staticmethod
-    def of(slices, x_wire: str, wire: str, max_message: int) -> "Loop | None":
+    def of(slices, x_wire: str, wire: str, max_message: int) -> Loop | None:
         if x_wire != "q8_0" or wire not in ("q8_0", "f32", "f64") or not q8_0.VNNI:
             return None
         if any(a is None for a in slices.attn) or any(f is None for f in slices.ffn):
@@ -278,7 +309,7 @@ class Loop:
     def run(self, fd: int, buf: np.ndarray, start: int, end: int, spin: float) -> tuple[int, int, int]:
         """Serve plain steps from fd until something needs Python -> (why, start, end)."""
         why, start, end = _run(fd, buf, start, end, int(spin * 1e6), self.max_message, self.stats, self.D,
-                               self.ctx, self.max_reply, self.out, *self.args)
+                               self.ctx, self.slots, self.max_reply, self.out, *self.args)
         return why, start, end
 
     def take_stats(self) -> tuple[int, int]:
