@@ -32,9 +32,11 @@ def free_port() -> int:
     raise RuntimeError("no free port pair")
 
 
-def wait_ready(addr: str, timeout: float = 60.0, credentials=None, proc=None) -> None:
+def wait_ready(addr: str, timeout: float = 240.0, credentials=None, proc=None) -> None:
     """Wait until the worker at `addr` answers a Hello (or refuses it for want of a token: it is
-    serving); `credentials` for a TLS worker. Fails at once if `proc` exits."""
+    serving); `credentials` for a TLS worker. Fails at once if `proc` exits. The timeout allows
+    for a clean clone: the first worker compiles every kernel and the step loop before it
+    serves (~50 s alone, more beside the other tests' processes); later ones load Numba's cache."""
     channel = grpc.secure_channel(addr, credentials) if credentials else grpc.insecure_channel(addr)
     stub = rpc.WorkerStub(channel)
     t = time.time()

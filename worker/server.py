@@ -485,7 +485,9 @@ class Worker(rpc.WorkerServicer):
                             f"over this worker's --max-message-mb: send fewer tokens per step")
         try:
             if x_wire == "q8_0" and op != "logits" and 0 < T and len(req.x) == q8_0.nbytes(T, D):
-                y = slices.run_wire(op, req.layer, np.frombuffer(req.x, np.uint8), T, segs, wire)
+                # (a writable copy, as the compiled step loop's buffer is: one compiled variant
+                # of the kernels for both, not one per read-only flag)
+                y = slices.run_wire(op, req.layer, np.frombuffer(req.x, np.uint8).copy(), T, segs, wire)
                 if y is not None:
                     return y.tobytes()
             x = decode_q8(req.x, T, D) if x_wire == "q8_0" else decode(req.x, T, D, x_wire)
@@ -541,8 +543,8 @@ def warm_up() -> None:
             for op in ("attention", "ffn", "logits"):
                 for xs in (x, xq, xf):
                     slices.run(op, 0, xs, [(0, 0, T)])
-            for op in ("attention", "ffn"):  # q8_0 activations (read-only bytes) to a reply's bytes
-                slices.run_wire(op, 0, np.frombuffer(encode(x, "q8_0"), np.uint8), T, [(0, 0, T)], "q8_0")
+            for op in ("attention", "ffn"):  # q8_0 activations (bytes) to a reply's bytes
+                slices.run_wire(op, 0, np.frombuffer(encode(x, "q8_0"), np.uint8).copy(), T, [(0, 0, T)], "q8_0")
         loop = Loop.of(slices, "q8_0", "f32", 1 << 20)  # the compiled step loop, over a socket pair
         if loop is not None:
             a, b = socket.socketpair()
