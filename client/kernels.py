@@ -230,6 +230,15 @@ def ffn_block(XQ, XC, XS, wgu_q, wgu_d, nu, wdown_q, wdown_d, D):
 # of the Python between decode, block and encode: ~10 us of a step on a hot core, more on a
 # CPU-capped host whose caches the kernels and other processes have swept.
 OUT_Q8, OUT_F32, OUT_F64 = 0, 1, 2
+WIRE_OUT = {"q8_0": OUT_Q8, "f32": OUT_F32, "f64": OUT_F64}  # the partial sums' wires they write
+
+
+@njit(**_JIT)
+def wire_nbytes(T, D, out):
+    # bytes of [T, D] in wire `out` (q8_0: whole blocks of 32 values, 34 bytes each)
+    if out == OUT_Q8:
+        return T * ((D + QK - 1) // QK) * (QK + 2)
+    return T * D * (4 if out == OUT_F32 else 8)
 
 
 @njit(inline="always")
@@ -238,17 +247,10 @@ def _to_wire(y, yb, out):
     if out == OUT_Q8:
         _pack_activations(y, yb)
         return
-    T, D = y.shape
     if out == OUT_F32:
-        f = yb.view(np.float32)
-        for t in range(T):
-            for i in range(D):
-                f[t * D + i] = y[t, i]
+        yb.view(np.float32)[:] = y.ravel()   # (rounded to nearest, as astype)
     else:
-        g = yb.view(np.float64)
-        for t in range(T):
-            for i in range(D):
-                g[t * D + i] = y[t, i]
+        yb.view(np.float64)[:] = y.ravel()
 
 
 @njit(**_JIT)

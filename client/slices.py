@@ -29,7 +29,6 @@ from quant import q8_0 as q8
 from quant.q8_0 import matmul, quantize
 
 KV_DTYPES = {"bf16": np.uint16, "f32": np.float32}
-_WIRE_OUT = {"q8_0": kernels.OUT_Q8, "f32": kernels.OUT_F32, "f64": kernels.OUT_F64}  # (SliceSet.run_wire)
 
 
 @dataclass(frozen=True)
@@ -319,15 +318,14 @@ class SliceSet:
         not apply (no slice of this block here, weights not in VNNI tiles, a bf16 wire): run()
         then. FloatingPointError if a scale of x is infinite or NaN."""
         s = (self.attn if op == "attention" else self.ffn)[layer]
-        out = _WIRE_OUT.get(wire)
+        out = kernels.WIRE_OUT.get(wire)
         if s is None or out is None:
             return None
         w_in, w_out = (s.wqkv, s.wo) if op == "attention" else (s.wgu, s.wdown)
         if not (isinstance(w_in, q8.Q8Tiles) and isinstance(w_out, q8.Q8Tiles)):
             return None
         D = self.classifier.shape[1]
-        yb = np.empty(q8.nbytes(T, D) if out == kernels.OUT_Q8 else T * D * (4 if out == kernels.OUT_F32 else 8),
-                      np.uint8)
+        yb = np.empty(kernels.wire_nbytes(T, D, out), np.uint8)
         if not (s.forward_wire(xb, T, segs, self.rope, yb, out) if op == "attention"
                 else s.forward_wire(xb, T, yb, out)):
             raise FloatingPointError("x holds NaN or infinity (a Q8_0 scale)")

@@ -154,7 +154,7 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
     L = len(wqkv_q)
     T_, layer_ = np.int64(T), np.int64(layer)
     if (xo < 0 or T_ == 0 or layer_ >= L or (op != ATTENTION and op != FFN)
-            or T_ * D * 8 > max_reply or xl != T_ * ((D + 31) // 32) * 34):
+            or T_ * D * 8 > max_reply or xl != kernels.wire_nbytes(T_, D, kernels.OUT_Q8)):
         return 0
     # the rows' cache slots and positions, checked as Worker.segments does (attention only)
     posa, slot = np.empty(T_, np.int64), np.zeros(T_, np.int64)
@@ -178,12 +178,7 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
         for t in range(T_):
             posa[t] = np.int64(pos) + t
     t0 = _now_us(ts)
-    if out == kernels.OUT_Q8:
-        ny = T_ * ((D + 31) // 32) * 34
-    elif out == kernels.OUT_F32:
-        ny = T_ * D * 4
-    else:
-        ny = T_ * D * 8
+    ny = kernels.wire_nbytes(T_, D, out)
     rb = np.empty(ny + 48, np.uint8)          # the reply frame: length, seq, y, compute_us
     y0 = 4 + 1 + 10 + 1 + 5                    # room for the header fields before y
     yb = rb[y0:y0 + ny]
@@ -285,7 +280,7 @@ class Loop:
     def __init__(self, slices, wire: str, max_message: int):
         a0 = slices.attn[0]
         self.D, self.ctx, self.slots = slices.classifier.shape[1], a0.cache_v.shape[2], a0.cache_v.shape[0]
-        self.out = {"q8_0": kernels.OUT_Q8, "f32": kernels.OUT_F32, "f64": kernels.OUT_F64}[wire]
+        self.out = kernels.WIRE_OUT[wire]
         self.max_message, self.max_reply = max_message, max_message - 64
         self.stats = np.zeros(2, np.int64)    # steps, compute us
         A, F = slices.attn, slices.ffn  # per layer, as typed lists (the caches: the session's own)
@@ -298,7 +293,7 @@ class Loop:
 
     @staticmethod
     def of(slices, x_wire: str, wire: str, max_message: int) -> Loop | None:
-        if x_wire != "q8_0" or wire not in ("q8_0", "f32", "f64") or not q8_0.VNNI:
+        if x_wire != "q8_0" or wire not in kernels.WIRE_OUT or not q8_0.VNNI:
             return None
         if any(a is None for a in slices.attn) or any(f is None for f in slices.ffn):
             return None
