@@ -10,7 +10,11 @@ measured. The ratio is the median of the pairs' ratios. (The pair's partial sums
 in f32, the default, so on this random-weight model, whose logits nearly tie, its greedy tokens
 may part from the in-process ones after a while; tests check identity with --wire f64.)
 
-    .venv/bin/python -m bench.cluster [--shape tinyllama-1.1b] [--tokens 32] [--pairs 16]
+    .venv/bin/python -m bench.cluster [--shape tinyllama-1.1b] [--tokens 32] [--pairs 16] [--python-steps]
+
+--python-steps adds a third run to each round: the same pair with its layer steps sent and read
+by RemoteNode's Python (start / wait) instead of the compiled fan-out (client/fanout.py), and
+prints the fan-out's speed against it.
 """
 from __future__ import annotations
 
@@ -41,7 +45,9 @@ def pin(cpus: set[int]) -> None:
 @click.option("--tokens", default=32, show_default=True, help="tokens per generation")
 @click.option("--pairs", default=16, show_default=True, help="pairs of generations (A B, then B A)")
 @click.option("--port", default=47310, show_default=True)
-def main(shape, tokens, pairs, port):
+@click.option("--python-steps", is_flag=True,
+              help="also run the pair with its steps through Python (no compiled fan-out), for the ratio")
+def main(shape, tokens, pairs, port, python_steps):
     """Client + 1 worker (1 core each) vs the in-process engine (2 threads), interleaved."""
     from bench.make_model import make_model
     from client.generate import generate
@@ -66,19 +72,26 @@ def main(shape, tokens, pairs, port):
         pin({0, 1})
         prompt = alone.tokenizer.encode("Hello world")
 
-        def run(model, two_threads: bool):
+        fanout = pair.fanout
+
+        def run(model, two_threads: bool, fan=None):
             pin({0, 1} if two_threads else {0})
             set_threads(2 if two_threads else 1)
+            if model is pair:
+                pair.fanout = fan
             return generate(model, prompt, tokens)
 
-        run(alone, True), run(pair, False)  # warm both (first-call costs, page faults)
-        a, b = [], []
+        run(alone, True), run(pair, False, fanout)  # warm both (first-call costs, page faults)
+        a, b, c = [], [], []
         for i in range(pairs):
-            order = [(alone, True, a), (pair, False, b)]
-            for model, two, out in (order if i % 2 == 0 else order[::-1]):
-                out.append(run(model, two))
+            order = [(alone, True, None, a), (pair, False, fanout, b)]
+            if python_steps:
+                order.append((pair, False, None, c))
+            for model, two, fan, out in (order if i % 2 == 0 else order[::-1]):
+                out.append(run(model, two, fan))
+            py = f" | Python steps {c[-1].gen_tok_s:6.2f}" if python_steps else ""
             print(f"pair {i + 1:2d}: in-process 2 threads {a[-1].gen_tok_s:6.2f} tok/s | client + "
-                  f"worker 1 core each {b[-1].gen_tok_s:6.2f} tok/s | {b[-1].gen_tok_s / a[-1].gen_tok_s:.3f}",
+                  f"worker 1 core each {b[-1].gen_tok_s:6.2f} tok/s | {b[-1].gen_tok_s / a[-1].gen_tok_s:.3f}{py}",
                   flush=True)
         node = pair.remote[0]
         calls = node.calls[-pairs * tokens * (2 * pair.cfg.n_layers + 1):]
@@ -97,6 +110,11 @@ def main(shape, tokens, pairs, port):
     print(f"worker holds heads {shard.heads}, ffn units {shard.units}, classifier rows {shard.rows}; "
           f"per call {rtt:.0f} us round trip = {compute:.0f} compute + {rtt - compute:.0f} beyond "
           "(the client's own share included)")
+    if python_steps:
+        own = [y.gen_tok_s / z.gen_tok_s for y, z in zip(b, c)]
+        print(f"the pair with the compiled fan-out against its steps through Python: median "
+              f"{statistics.median(own):.3f}x (Python steps {statistics.median(r.gen_tok_s for r in c):.2f} tok/s, "
+              f"{statistics.median(z.gen_tok_s / x.gen_tok_s for x, z in zip(a, c)):.3f}x in-process)")
     print(json.dumps({"in_process_tok_s": [r.gen_tok_s for r in a],
                       "two_nodes_tok_s": [r.gen_tok_s for r in b], "pair_ratios": ratios,
                       "ratio": statistics.median(ratios)}))

@@ -25,6 +25,7 @@ from client.checkpoint import Checkpoint
 from client.cluster import (NodeLost, RemoteNode, activations_wire, manifest_key, read_manifest,
                             write_manifest)
 from client.config import LlamaConfig
+from client.fanout import Fanout
 from client.errors import UserError
 from client.host import available_memory, cpu_quota, quota_stall
 from client.slices import (Shard, SliceSet, layer_name, load_matrix, output_name,
@@ -217,6 +218,7 @@ class Model:
     on_loss: str = "replan"      # a worker lost: "replan" over the rest, or "fail"
     history: dict = field(default_factory=dict)  # slot -> the token ids its KV caches hold
     src: dict = field(default_factory=dict)      # what placing slices needs (see place)
+    fanout: Fanout | None = None                 # the remote nodes' layer steps, compiled
 
     @staticmethod
     def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=None, progress=None,
@@ -288,7 +290,9 @@ class Model:
                 if not remote:  # several in-process slice sets: tests of the slicing
                     shards = plan_shards(cfg, w)
                 self.nodes = []  # drop the old slices before building the new
+                self.fanout = None
                 self.nodes = [self._node(i, sh, remote) for i, sh in enumerate(shards)]
+                self.fanout = Fanout.of(self.remote)
                 return
             except NodeLost as e:
                 self.fail_on(e)
@@ -453,7 +457,14 @@ class Model:
     def gather(self, op: str, layer: int, xn: np.ndarray, segs) -> list[np.ndarray]:
         """Every node's result for one block (partial sums [T, D] float64, or logits [T, rows]
         float32, in node order): remote nodes get the step first, then this
-        process computes its share while they work, then their replies are read."""
+        process computes its share while they work, then their replies are read. A layer step
+        goes out and comes back through the compiled fan-out where it applies (client/fanout.py:
+        the remote nodes' partial sums come back added, after this process's)."""
+        fan = self.fanout
+        if op != "logits" and fan is not None and fan.usable:
+            fan.send(op, layer, xn, segs)
+            parts = [n.run(op, layer, xn, segs) for n in self.nodes if not isinstance(n, RemoteNode)]
+            return parts + [fan.wait()]
         sent = {}  # activations wire -> payload: encoded once for all workers
         for n in self.remote:
             if n.x_wire not in sent:

@@ -90,6 +90,15 @@ class FrameReader:
             self.end += k
         return True
 
+    def hand(self, data) -> None:
+        """Bytes read from the socket by other code (client/fanout.py) into this empty reader, to
+        be read as if it had received them."""
+        assert self.start == self.end
+        if len(data) > len(self.buf):
+            self.buf = bytearray(len(data))
+        self.buf[:len(data)] = data
+        self.start, self.end = 0, len(data)
+
     def _take(self, n: int) -> bytes:
         data = bytes(memoryview(self.buf)[self.start:self.start + n])  # one copy, not two
         self.start += n

@@ -10,7 +10,7 @@ Worker.handle would have sent. It returns to Python for anything else, with that
 buffered: any other frame (OPEN, LOGITS, PING, a token, x not finite, a malformed one: Python
 parses it and answers as always), an idle socket (IDLE_MS without a byte: Python then blocks in
 recv without holding the session, so that it can expire), a closed socket, or a frame larger
-than the buffer. Linux (its poll, recv and send flags).
+than the buffer. Its libc calls and varints: proto/native.py.
 
 Measured on four 0.25-core hosts, 1,801 steps each: a session's CPU 0.91 s with the step path in
 Python (FrameReader, parse, Worker.handle / step, SliceSet.run_wire, frame, send_frame), 0.54-0.63
@@ -23,76 +23,19 @@ before use; whatever it does not recognise goes to Python, which holds the proto
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import njit
 from numba.typed import List
 
 from client import kernels
 from proto import tensorlan_pb2 as pb
+from proto.native import POLLIN, c_poll, c_recv, c_yield, get_len, now_us, put_len, put_varint, send_all, varint
 from quant import q8_0
 
-# libc's calls by name (linked like any C symbol, so the compiled loop can be cached); pointers
-# travel as 64-bit integers, the same register on x86-64 and aarch64
-_i32, _i64, _u64 = types.int32, types.int64, types.uint64
-c_recv = types.ExternalFunction("recv", _i64(_i32, _u64, _u64, _i32))
-c_send = types.ExternalFunction("send", _i64(_i32, _u64, _u64, _i32))
-c_poll = types.ExternalFunction("poll", _i32(_u64, _u64, _i32))
-c_clock = types.ExternalFunction("clock_gettime", _i32(_i32, _u64))
-c_yield = types.ExternalFunction("sched_yield", _i32())
-
-MSG_NOSIGNAL = 0x4000
-CLOCK_MONOTONIC = 1
-POLLIN = 1
 IDLE_MS = 50                      # no byte for this long: back to Python, which blocks
 FRAME, IDLE, CLOSED, BROKEN, FULL = 0, 1, 2, 3, 4   # why run() returned
 ATTENTION, FFN = pb.ATTENTION, pb.FFN
 
 _JIT = dict(cache=True, nogil=True)
-
-
-@njit(**_JIT)
-def _now_us(ts):
-    c_clock(CLOCK_MONOTONIC, ts.ctypes.data)
-    return ts[0] * 1000000 + ts[1] // 1000
-
-
-@njit(**_JIT)
-def _varint(buf, i, end):
-    # a protobuf varint at buf[i:end] -> (value, index after it); index -1 if it runs past end
-    # or over 10 bytes
-    v = np.uint64(0)
-    shift = np.uint64(0)
-    for k in range(10):
-        if i >= end:
-            return v, -1
-        b = np.uint64(buf[i])
-        i += 1
-        v |= (b & np.uint64(0x7F)) << shift
-        if b < 0x80:
-            return v, i
-        shift += np.uint64(7)
-    return v, -1
-
-
-@njit(**_JIT)
-def _put_varint(out, i, v):
-    v = np.uint64(v)
-    while v >= 0x80:
-        out[i] = np.uint8((v & np.uint64(0x7F)) | np.uint64(0x80))
-        v >>= np.uint64(7)
-        i += 1
-    out[i] = np.uint8(v)
-    return i + 1
-
-
-@njit(**_JIT)
-def _send_all(fd, data, n):
-    sent = 0
-    while sent < n:
-        k = c_send(fd, data.ctypes.data + sent, n - sent, MSG_NOSIGNAL)
-        if k <= 0:
-            return False
-        sent += k
-    return True
 
 
 @njit(**_JIT)
@@ -108,12 +51,12 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
     seen = np.zeros(3, np.bool_)
     i, end = p, p + n
     while i < end:
-        key, i = _varint(buf, i, end)
+        key, i = varint(buf, i, end)
         if i < 0:
             return 0
         f, wt = key >> np.uint64(3), key & np.uint64(7)
         if wt == 0:
-            v, i = _varint(buf, i, end)
+            v, i = varint(buf, i, end)
             if i < 0:
                 return 0
             if f == 1:
@@ -130,12 +73,12 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
             else:
                 return 0
         elif wt == 2 and f == 6:
-            ln, i = _varint(buf, i, end)
+            ln, i = varint(buf, i, end)
             if i < 0 or ln > np.uint64(end - i):  # (end > i here)
                 return 0
             xo, xl, i = i, np.int64(ln), i + np.int64(ln)
         elif wt == 2 and f >= 13 and f <= 15:      # seg_slot, seg_pos, seg_len: packed, once each
-            ln, i = _varint(buf, i, end)
+            ln, i = varint(buf, i, end)
             k = np.int64(f) - 13
             if i < 0 or ln > np.uint64(end - i) or seen[k]:
                 return 0
@@ -143,7 +86,7 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
             vals = np.empty(np.int64(ln), np.int64)
             c = 0
             while i < stop:
-                v, i = _varint(buf, i, stop)
+                v, i = varint(buf, i, stop)
                 if i < 0 or v >= np.uint64(1 << 31):
                     return 0
                 vals[c] = np.int64(v)
@@ -177,7 +120,7 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
             return 0
         for t in range(T_):
             posa[t] = np.int64(pos) + t
-    t0 = _now_us(ts)
+    t0 = now_us(ts)
     ny = kernels.wire_nbytes(T_, D, out)
     rb = np.empty(ny + 48, np.uint8)          # the reply frame: length, seq, y, compute_us
     y0 = 4 + 1 + 10 + 1 + 5                    # room for the header fields before y
@@ -192,26 +135,23 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
         ok = kernels.ffn_step_wire(xb, T_, wgu_q[l], wgu_d[l], nu[l], wdown_q[l], wdown_d[l], D, yb, out)
     if not ok:
         return 0                               # x not finite: nothing computed; Python says so
-    us = _now_us(ts) - t0
+    us = now_us(ts) - t0
     # header written backwards from y: 0x08 seq, 0x12 len(y); then 0x18 compute_us after y
     hdr = np.empty(20, np.uint8)
     h = 0
     hdr[h] = 0x08
-    h = _put_varint(hdr, h + 1, seq)
+    h = put_varint(hdr, h + 1, seq)
     hdr[h] = 0x12
-    h = _put_varint(hdr, h + 1, ny)
+    h = put_varint(hdr, h + 1, ny)
     start = y0 - h
     rb[start:y0] = hdr[:h]
     e = y0 + ny
     rb[e] = 0x18
-    e = _put_varint(rb, e + 1, us)
+    e = put_varint(rb, e + 1, us)
     body = e - start
     s4 = start - 4
-    rb[s4] = body & 0xFF
-    rb[s4 + 1] = (body >> 8) & 0xFF
-    rb[s4 + 2] = (body >> 16) & 0xFF
-    rb[s4 + 3] = (body >> 24) & 0xFF
-    if not _send_all(fd, rb[s4:e], e - s4):
+    put_len(rb, s4, body)
+    if not send_all(fd, rb[s4:e], e - s4):
         return -1
     stats[0] += 1
     stats[1] += us
@@ -228,7 +168,7 @@ def _run(fd, buf, start, end, spin_us, max_frame, stats, D, ctx, slots, max_repl
     while True:
         need = 4
         if end - start >= 4:
-            n = int(buf[start]) | (int(buf[start + 1]) << 8) | (int(buf[start + 2]) << 16) | (int(buf[start + 3]) << 24)
+            n = get_len(buf, start)
             if n > max_frame:
                 return FRAME, start, end
             need = 4 + n
@@ -253,9 +193,9 @@ def _run(fd, buf, start, end, spin_us, max_frame, stats, D, ctx, slots, max_repl
         # then block up to IDLE_MS
         pfd[0] = fd
         pfd[1] = POLLIN
-        t_end = _now_us(ts) + spin_us
+        t_end = now_us(ts) + spin_us
         r = c_poll(pfd.ctypes.data, 1, 0)
-        while r == 0 and _now_us(ts) < t_end:
+        while r == 0 and now_us(ts) < t_end:
             c_yield()
             r = c_poll(pfd.ctypes.data, 1, 0)
         if r == 0:
