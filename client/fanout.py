@@ -39,6 +39,7 @@ from quant.q8_0 import quantize_bytes
 DONE, FRAME, FULL, CLOSED, BROKEN, LATE, INTR = 0, 1, 2, 3, 4, 5, 6   # what _wait returned (for node i)
 OPS = {"attention": pb.ATTENTION, "ffn": pb.FFN}
 HEAD = 16                          # room before the body for a frame's length and seq
+NO_SEGS = np.zeros((3, 0), np.int64)
 
 _JIT = dict(cache=True, nogil=True)
 
@@ -57,10 +58,11 @@ def _put_packed(buf, e, key, vals):
 
 
 @njit(**_JIT)
-def _send(fds, seqs, sent, t_sent, buf, op, layer, pos, T, x, segs):
+def _send(fds, seqs, limits, sent, t_sent, deadlines, pending, got, buf, op, layer, pos, T, x, segs):
     # one StepRequest to each node: buf[HEAD:e] its fields after seq (in protobuf's order; zero
-    # scalars left out as proto3 does), then per node length and seq written just before them.
-    # -> the index of a node whose socket failed, or -1
+    # scalars left out as proto3 does), then per node its next seq and the length written just
+    # before them; its reply is due limits[i] us after. -> the index of a node whose socket
+    # failed, or -1
     e = HEAD
     buf[e] = 0x10
     e = put_varint(buf, e + 1, op)
@@ -83,12 +85,16 @@ def _send(fds, seqs, sent, t_sent, buf, op, layer, pos, T, x, segs):
     ts = np.zeros(2, np.int64)
     head = np.empty(HEAD, np.uint8)
     for i in range(len(fds)):
+        seqs[i] += np.uint64(1)
         h = put_varint(head, 1, seqs[i])         # 0x08 seq
         s = HEAD - h - 4
         buf[s + 4] = 0x08
         buf[s + 5:HEAD] = head[1:h]
         put_len(buf, s, e - s - 4)
         t_sent[i] = now_us(ts)
+        deadlines[i] = t_sent[i] + limits[i]
+        pending[i] = True
+        got[i, :] = 0
         if not send_all(fds[i], buf[s:e], e - s):
             return i
         sent[i] = e - s
@@ -194,15 +200,28 @@ class Fanout:
         self.nodes = nodes
         self.fds = np.array([n.sock.fileno() for n in nodes], np.int32)
         self.outs = np.array([kernels.WIRE_OUT[n.wire] for n in nodes], np.int64)
-        self.spin_us = int(nodes[0].frames.spin * 1e6)
+        self.x_wire, self.spin_us = nodes[0].x_wire, int(nodes[0].frames.spin * 1e6)
         N = len(nodes)
-        self.seqs, self.sent, self.t_sent = np.zeros(N, np.uint64), np.zeros(N, np.int64), np.zeros(N, np.int64)
-        self.ends, self.pending = np.zeros(N, np.int64), np.zeros(N, np.bool_)
-        self.deadlines, self.got = np.zeros(N, np.int64), np.zeros((N, 3), np.int64)
-        self.out = np.zeros(64, np.uint8)    # the request frame
+        # per node: the last seq sent (a count of its own from the node's: replies carry it
+        # back), the request's bytes, when it went and when its reply is due (monotonic us), how
+        # long it may take (us, for T rows), whether it is awaited, bytes / compute_us / arrival
+        self.seqs = np.array([n.seq for n in nodes], np.uint64)
+        self.sent, self.t_sent, self.deadlines = (np.zeros(N, np.int64) for _ in range(3))
+        self.limits, self.T = np.zeros(N, np.int64), 0
+        self.pending, self.got = np.zeros(N, np.bool_), np.zeros((N, 3), np.int64)
+        self.ends = np.zeros(N, np.int64)        # bytes held per node in bufs
+        self.out = np.zeros(HEAD + 4096, np.uint8)  # the request frame
         self.bufs = np.zeros((N, 4096), np.uint8)
         self.step = None
         self.usable = True
+
+    def _rows(self, T: int, D: int) -> None:
+        """Deadlines and reply buffers for steps of T rows."""
+        self.limits[:] = [int(n.deadline(T) * 1e6) for n in self.nodes]
+        cap = kernels.wire_nbytes(T, D, kernels.OUT_F64) + 64
+        if cap > self.bufs.shape[1]:
+            self.bufs = np.zeros((len(self.nodes), cap), np.uint8)
+        self.T = T
 
     @staticmethod
     def of(nodes: list) -> Fanout | None:
@@ -216,30 +235,21 @@ class Fanout:
 
     def send(self, op: str, layer: int, x: np.ndarray, segs) -> None:
         """Step (op, layer) to every node: x [T, D] whose rows segs [(slot, p0, n)] place, as
-        RemoteNode.start sends it (payload: x on the nodes' activations wire)."""
+        RemoteNode.start sends it (x on the nodes' activations wire)."""
         T, D = x.shape
-        wire = self.nodes[0].x_wire
-        payload = quantize_bytes(x) if wire == "q8_0" else np.frombuffer(encode(x, wire), np.uint8)
+        payload = (quantize_bytes(x) if self.x_wire == "q8_0"
+                   else np.frombuffer(encode(x, self.x_wire), np.uint8))
         if len(segs) == 1 and segs[0][0] == 0:
-            pos, seg = segs[0][1], np.zeros((3, 0), np.int64)
+            pos, seg = segs[0][1], NO_SEGS
         else:
             pos, seg = 0, np.array(segs, np.int64).T.copy()
-        need = HEAD + 64 + payload.nbytes + 3 * 5 * seg.shape[1]
-        if need > len(self.out):
-            self.out = np.zeros(2 * need, np.uint8)
-        cap = kernels.wire_nbytes(T, D, kernels.OUT_F64) + 64
-        if cap > self.bufs.shape[1]:
-            self.bufs = np.zeros((len(self.nodes), cap), np.uint8)
-        now = time.monotonic()
-        for i, n in enumerate(self.nodes):
-            n.seq += 1
-            self.seqs[i] = n.seq
-            limit = n.deadline(T)
-            n._set_timeout(limit)
-            self.deadlines[i] = int((now + limit) * 1e6)
-        self.pending[:], self.got[:] = True, 0
+        if T != self.T:
+            self._rows(T, D)
+        if HEAD + 64 + payload.nbytes + 15 * seg.shape[1] > len(self.out):
+            self.out = np.zeros(2 * (HEAD + 64 + payload.nbytes + 15 * seg.shape[1]), np.uint8)
         self.step = (op, layer, T, D)
-        bad = _send(self.fds, self.seqs, self.sent, self.t_sent, self.out, OPS[op], layer, pos, T, payload, seg)
+        bad = _send(self.fds, self.seqs, self.limits, self.sent, self.t_sent, self.deadlines, self.pending,
+                    self.got, self.out, OPS[op], layer, pos, T, payload, seg)
         if bad >= 0:
             raise NodeLost(self.nodes[bad], "send: the step channel failed")
 
@@ -256,7 +266,7 @@ class Fanout:
                 continue
             n = self.nodes[i]
             if why == LATE:
-                raise NodeLost(n, f"no reply within {n._timeout:.1f} s")
+                raise NodeLost(n, f"no reply within {self.limits[i] / 1e6:.1f} s")
             n.frames.hand(self.bufs[i, :self.ends[i]].tobytes())   # its bytes to Python, which reads the reply
             self.ends[i], self.pending[i] = 0, False
             n._pending = (op, layer, (T, D), int(self.sent[i]), time.perf_counter())
