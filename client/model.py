@@ -27,7 +27,7 @@ from client.cluster import (NodeLost, RemoteNode, activations_wire, manifest_key
 from client.config import LlamaConfig
 from client.fanout import Fanout
 from client.errors import UserError
-from client.host import available_memory, cpu_quota, quota_stall
+from client.host import available_memory, cpu_quota, quota_stall, room_for_huge_pages
 from client.slices import (Shard, SliceSet, layer_name, load_matrix, output_name,
                            shard_nbytes, shard_tensors)
 from client.tokenizer import Tokenizer
@@ -307,7 +307,7 @@ class Model:
         whole = self.embedding if src["tied"] and sh.rows == (0, cfg.vocab_size) else None
         if not remote or (src["local"] and i == 0):  # (several in-process slice sets: tests)
             s = SliceSet.build(src["ckpt"], cfg, sh, fmt, self.kv_dtype, self.ctx, whole,
-                               src["progress"], self.slots)
+                               src["progress"], self.slots, room_for_huge_pages(shard_nbytes(cfg, sh, fmt)))
             if whole is not None:  # tied: the lookup reads the classifier as repacked, one copy
                 self.embedding = s.classifier
             return s

@@ -342,13 +342,15 @@ class SliceSet:
 
     @staticmethod
     def build(ckpt: Checkpoint, cfg: LlamaConfig, shard: Shard, fmt="q8_0", kv_dtype="bf16",
-              ctx: int | None = None, classifier=None, progress=None, slots: int = 1) -> "SliceSet":
+              ctx: int | None = None, classifier=None, progress=None, slots: int = 1,
+              huge: bool = False) -> "SliceSet":
         """Quantize (or copy) this shard's rows and columns out of the mapped checkpoint, one
-        tensor at a time; progress(done, total) counts tensors."""
+        tensor at a time; progress(done, total) counts tensors. huge: weights in huge pages
+        (q8.runnable)."""
         loaders = shard_tensors(ckpt, cfg, shard, fmt, classifier)
         tensors = {}
         for i, (name, load) in enumerate(loaders):
-            tensors[name] = q8.runnable(load())
+            tensors[name] = q8.runnable(load(), huge)
             if progress:
                 progress(i + 1, len(loaders))
         return SliceSet.from_tensors(cfg, shard, tensors, ctx or cfg.max_seq_len, kv_dtype, slots)

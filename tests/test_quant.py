@@ -1,4 +1,6 @@
 """Q8_0 quantizer and kernels against the independent float64 reference (tests/reference.py)."""
+import os
+
 import numpy as np
 import pytest
 
@@ -245,3 +247,40 @@ def test_tiles_hold_the_same_weights():
         assert np.array_equal(back.q, w.q) and np.array_equal(back.d, w.d) and back.cols == w.cols
         idx = np.array([rows - 1, 0, rows // 2])
         assert np.array_equal(Q.dequantize(t, idx), Q.dequantize(w, idx))
+
+
+@pytest.mark.skipif(not Q.VNNI, reason="tiles are the VNNI kernel's layout")
+def test_tiles_in_huge_pages_are_the_same_weights(monkeypatch):
+    """Held weights in the huge-page arena: each tiles array 64-byte aligned, none overlapping
+    another (several per chunk, and one larger than a chunk), the same bytes as NumPy-memory
+    tiles, and the arena's mappings advised for huge pages (smaps: THPeligible)."""
+    monkeypatch.setattr(Q, "_ARENA", Q._Arena())
+    monkeypatch.setattr(Q._Arena, "CHUNK", 4 << 20)
+    rng = np.random.default_rng(9)
+    ws = [Q.quantize(rng.standard_normal((r, 256)).astype(np.float32)) for r in (40, 16, 17000, 300, 3)]
+    held = [Q.runnable(w, huge=True) for w in ws]
+    for w, h in zip(ws, held):
+        t = Q.tiles(w)
+        assert h.q.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(h.q, t.q)
+        np.testing.assert_array_equal(h.d, t.d)
+        x = rng.standard_normal(256).astype(np.float32)
+        np.testing.assert_array_equal(Q.matvec(h, x), Q.matvec(t, x))
+    spans = sorted((h.q.ctypes.data, h.q.ctypes.data + h.q.nbytes) for h in held)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    for k, h in enumerate(held):  # writing one leaves the others as they were
+        h.q[...] = k
+    assert all((h.q == k).all() for k, h in enumerate(held))
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(thp) or "[never]" in open(thp).read():
+        return  # (no huge pages on this host: plain memory, checked above)
+    eligible, start = {}, None
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:
+            start, end = (int(v, 16) for v in head[0].split("-"))
+        elif head[0] == "THPeligible:":
+            eligible[(start, end)] = head[1] == "1"
+    for a, b in spans:
+        region = [ok for (s, e), ok in eligible.items() if s <= a < e]
+        assert region == [True], (hex(a), region)

@@ -31,7 +31,8 @@ import numpy as np
 
 from client.config import LlamaConfig
 from client.errors import UserError
-from client.host import available_memory, cfs_quota, cpu_quota, default_threads, human_bytes
+from client.host import (available_memory, cfs_quota, cpu_quota, default_threads, human_bytes,
+                         room_for_huge_pages)
 from client.slices import KV_DTYPES, Shard, SliceSet, shard_nbytes, shard_shapes
 from proto import tensorlan_pb2 as pb
 from proto.security import ServerTLS, check_bind, is_loopback
@@ -124,11 +125,12 @@ class Worker(rpc.WorkerServicer):
         if first is None or first.WhichOneof("part") != "header":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload starts with a header")
         h = first.header
+        huge = room_for_huge_pages(h.total_bytes)   # (asked before this upload's bytes are counted)
         self.reserve(h.total_bytes, context)
         watch = self.sessions.open("upload", peer_host(context.peer()), context.cancel)
         try:
             cfg, shard = self.upload_plan(h)
-            tensors, received, cached = self.receive(request_iterator, context, h, cfg, shard, watch)
+            tensors, received, cached = self.receive(request_iterator, context, h, cfg, shard, watch, huge)
             SliceSet.from_tensors(cfg, shard, tensors, 1, "f32")
         except (UserError, WireError, KeyError, ValueError, json.JSONDecodeError) as e:
             self.unreserve(h.total_bytes)
@@ -204,10 +206,12 @@ class Worker(rpc.WorkerServicer):
                 raise UserError(f"{what} [{a}, {b}) are not within the model's {n}")
         return cfg, shard
 
-    def receive(self, chunks, context, h, cfg: LlamaConfig, shard: Shard, watch) -> tuple[dict, int, int]:
+    def receive(self, chunks, context, h, cfg: LlamaConfig, shard: Shard, watch,
+                huge: bool = False) -> tuple[dict, int, int]:
         """The tensors of an upload, after its header: (name -> tensor, bytes received, bytes
         taken from the cache). A tensor's buffer is allocated when its description arrives and
-        has been checked against the shard and the header's total."""
+        has been checked against the shard and the header's total. huge: held in huge pages
+        (q8_0.runnable)."""
         tensors, expected, fmt = {}, None, None
         received = cached = announced = 0
         info, buf, filled = None, None, 0
@@ -236,7 +240,7 @@ class Worker(rpc.WorkerServicer):
                         if data is None:
                             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                           f"tensor {info.name} ({info.sha256.hex()[:16]}) is not cached here")
-                        t = self.cache.keep(info.sha256, q8_0.runnable(unpack_tensor(info, data, verify=False)))
+                        t = self.cache.keep(info.sha256, q8_0.runnable(unpack_tensor(info, data, verify=False), huge))
                     tensors[info.name] = t
                     cached += nbytes
                     continue
@@ -254,7 +258,7 @@ class Worker(rpc.WorkerServicer):
                 raise WireError("an upload chunk with no header, tensor or data")
             if filled == buf.nbytes:  # held as the kernels run it, one copy for all sessions
                 tensors[info.name] = self.cache.put(info.sha256, buf, q8_0.runnable(
-                    unpack_tensor(info, buf)))  # (unpack_tensor checks the sha256)
+                    unpack_tensor(info, buf), huge))  # (unpack_tensor checks the sha256)
                 buf = None
         if buf is not None:
             raise WireError(f"upload ended inside tensor {info.name}")
