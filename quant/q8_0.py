@@ -462,9 +462,10 @@ class _Arena:
 
     Not on a host near its memory limit (client.host.room_for_huge_pages): with huge pages for
     every weight of 2 MB and more, the Llama-2-7B shape on four 2.5 GB hosts ran 2.65-3.26 tok/s
-    against 3.67-4.95 without (4 runs each). That bench spreads widely (2.47-4.93 tok/s in five
-    runs of this arena, with and without its limit) and the cause was not found, so a host that
-    is short of memory keeps NumPy's memory (huge pages from 4 MB only), as before."""
+    against 3.67-4.95 without (4 runs each); with this arena for every node, 2.47 in one run. The
+    cause was not found, and that bench spreads widely (the same day, with NumPy's memory 4.04
+    and 4.21; with this arena where room allows, which leaves those hosts out, 2.92, 3.28 and
+    4.93), so a host short of memory keeps NumPy's memory (huge pages from 4 MB only)."""
 
     HUGE, CHUNK = 2 << 20, 64 << 20
 
