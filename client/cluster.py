@@ -385,7 +385,7 @@ class RemoteNode:
         """Send one step: x [T, D] whose rows segs [(slot, p0, n)] place (see slices.rows_of),
         already encoded for the wire in `payload` when the same activations go to several
         workers (encoded once)."""
-        t = time.perf_counter()
+        t = time.monotonic()
         if payload is None:
             payload = encode(x, self.x_wire)
         req = pb.StepRequest(op=OPS[op], layer=layer, tokens=x.shape[0], x=payload)
@@ -399,7 +399,7 @@ class RemoteNode:
     def wait(self) -> np.ndarray:
         op, layer, (T, D), sent, t = self._pending
         rep, received = self._reply()
-        rtt = int((time.perf_counter() - t) * 1e6)
+        rtt = int((time.monotonic() - t) * 1e6)
         try:
             if op == "logits":
                 y = decode(rep.y, T, self.shard.rows[1] - self.shard.rows[0], "f32")
@@ -409,6 +409,13 @@ class RemoteNode:
             raise UserError(f"worker {self.addr}: malformed reply ({e})")
         self.calls.append(Call(self.token, layer, op, y.shape[1], sent, received, rep.compute_us, rtt))
         return y
+
+    def wait_handed(self, data: bytes, op: str, layer: int, shape: tuple, sent: int, t: float) -> np.ndarray:
+        """wait() for a step that client/fanout.py sent (`sent` bytes, at monotonic time t) and
+        whose reply it did not take: `data`, the bytes it read of it, go to the frame reader."""
+        self.frames.hand(data)
+        self._pending = (op, layer, shape, sent, t)
+        return self.wait()
 
     def ping(self, nbytes: int, n: int = 20) -> float:
         """Median round trip in microseconds of a gRPC ping carrying nbytes."""

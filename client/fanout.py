@@ -5,9 +5,10 @@ Model.gather sends each block's activations to the remote nodes, computes its ow
 they work, then collects. Through RemoteNode.start / wait that is Python per node and step: a
 StepRequest built and serialized, a send; a FrameReader's recv, a StepReply parsed, its y decoded
 into an array, the arrays summed. Here it is two compiled calls per step, whatever the node
-count (measured: one node over a unix socket, a send 7.8 -> 6.2 us, 2.4 of them quantizing x;
-on loopback most of a step's ~20 us to send and ~12 to collect are the TCP system calls, so the
-gain is small: 1.006x and 1.015x the Python steps in two bench.cluster runs):
+count (measured on one socket pair, a TinyLlama step: sending 7.8 -> 6.2 us, 2.4 of them
+quantizing x; reading a reply already there 22.3 -> 13.8 us; on loopback most of what is left
+is the TCP system calls, so the gain is small: 1.006x and 1.015x the Python steps in two
+bench.cluster runs):
 
 - `send`: the request's fields after seq (op, layer, pos or the segments, tokens, x) written once,
   the same bytes protobuf writes, and sent to each node behind its own length and seq;
@@ -26,8 +27,6 @@ step (once a token, rows differing per node) stays with RemoteNode.start / wait.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from numba import njit
 
@@ -35,7 +34,7 @@ from client import kernels
 from client.cluster import Call, NodeLost, RemoteNode
 from proto import tensorlan_pb2 as pb
 from proto.wire import encode
-from proto.native import POLLIN, c_poll, c_recv, c_yield, get_len, now_us, put_len, put_varint, send_all, varint
+from proto.native import POLLIN, c_recv, get_len, now_us, poll_until, put_len, put_varint, send_all, varint
 from quant.q8_0 import quantize_bytes
 
 DONE, FRAME, FULL, CLOSED, BROKEN, LATE, INTR = 0, 1, 2, 3, 4, 5, 6   # what _wait returned (for node i)
@@ -165,17 +164,12 @@ def _wait(fds, bufs, ends, pending, seqs, deadlines, spin_us, T, D, outs, acc, g
             m += 1
         if m == 0:
             return DONE, -1
-        # wait for bytes: poll without blocking until t_spin (giving the core away meanwhile),
-        # then block until the first deadline of the nodes waited on
-        r = c_poll(pfd.ctypes.data, m, 0)
-        while r == 0 and now_us(ts) < t_spin:
-            c_yield()
-            r = c_poll(pfd.ctypes.data, m, 0)
-        if r == 0:
-            first = deadlines[idx[0]]
-            for k in range(m):
-                first = min(first, deadlines[idx[k]])
-            r = c_poll(pfd.ctypes.data, m, np.int32(min(max(0, (first - now_us(ts) + 999) // 1000), 1 << 30)))
+        # wait for bytes: spinning until t_spin, then blocking until the first deadline of the
+        # nodes waited on
+        first = deadlines[idx[0]]
+        for k in range(m):
+            first = min(first, deadlines[idx[k]])
+        r = poll_until(pfd, m, t_spin, first, ts)
         if r == 0:
             for k in range(m):
                 if now_us(ts) >= deadlines[idx[k]]:
@@ -247,8 +241,9 @@ class Fanout:
             pos, seg = 0, np.array(segs, np.int64).T.copy()
         if T != self.T:
             self._rows(T, D)
-        if HEAD + 64 + payload.nbytes + 15 * seg.shape[1] > len(self.out):
-            self.out = np.zeros(2 * (HEAD + 64 + payload.nbytes + 15 * seg.shape[1]), np.uint8)
+        need = HEAD + 64 + payload.nbytes + 15 * seg.shape[1]   # (a packed segment: 3 varints of <= 5)
+        if need > len(self.out):
+            self.out = np.zeros(2 * need, np.uint8)
         self.step = (op, layer, T, D)
         bad = _send(self.fds, self.seqs, self.limits, self.sent, self.t_sent, self.deadlines, self.pending,
                     self.got, self.out, OPS[op], layer, pos, T, payload, seg)
@@ -269,11 +264,9 @@ class Fanout:
             n = self.nodes[i]
             if why == LATE:
                 raise NodeLost(n, f"no reply within {self.limits[i] / 1e6:.1f} s")
-            n.frames.hand(self.bufs[i, :self.ends[i]].tobytes())   # its bytes to Python, which reads the reply
+            acc += n.wait_handed(self.bufs[i, :self.ends[i]].tobytes(), op, layer, (T, D), int(self.sent[i]),
+                                 self.t_sent[i] / 1e6)
             self.ends[i], self.pending[i] = 0, False
-            n._pending = (op, layer, (T, D), int(self.sent[i]), time.perf_counter())
-            acc += n.wait()
-            n.calls[-1].rtt_us = int(time.monotonic() * 1e6) - int(self.t_sent[i])
             self.usable = n.frames.end == n.frames.start  # (more than a reply held: Python's from now)
         for i, n in enumerate(self.nodes):
             if self.got[i, 0]:

@@ -9,8 +9,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from quant.q8_0 import (QK, _matmul_tiles, _pack_activations, _q8_activations, _q8_given, bf16_bits_to_f32,
-                        f16_bits_to_f32, f32_to_bf16_bits, finite_scales, wire_views)
+from quant.q8_0 import (QK, _dequantize_rows, _matmul_tiles, _pack_activations, _q8_activations, _q8_given,
+                        bf16_bits_to_f32, f32_to_bf16_bits, finite_scales, wire_views)
 
 # fast-math without reassociation: sums keep their written order (see attention); numpy's error
 # model: a division by zero gives inf or NaN, where Python's zero-division check kept every loop
@@ -258,13 +258,10 @@ def add_from_wire(yb, T, D, out, acc):
     # acc [T, D] float64 += the partial sum whose bytes yb (uint8) are in wire `out` (the
     # inverse of _to_wire: q8_0 values are int8 * fp16 scale, exact in float32, as dequantize)
     if out == OUT_Q8:
-        nblk = (D + QK - 1) // QK
-        q, d = wire_views(yb, T, nblk)
-        for t in range(T):
-            for b in range(nblk):
-                s = f16_bits_to_f32(d[t, b])
-                for c in range(b * QK, min(D, (b + 1) * QK)):
-                    acc[t, c] += np.float32(q[t, c]) * s
+        q, d = wire_views(yb, T, (D + QK - 1) // QK)
+        y = np.empty((T, D), np.float32)
+        _dequantize_rows(q, d, y)
+        acc += y
     elif out == OUT_F32:
         acc += yb.view(np.float32).reshape((T, D))
     else:

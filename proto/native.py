@@ -31,6 +31,20 @@ def now_us(ts):
 
 
 @njit(**_JIT)
+def poll_until(pfd, m, spin_until, deadline, ts):
+    # poll's result for the m pollfds at pfd (int32 [m, 2]: fd, then events | revents << 16):
+    # polled without blocking until spin_until (monotonic us), giving the core away between
+    # polls, then blocking until deadline (whole ms, rounded up); 0 if nothing came by then
+    r = c_poll(pfd.ctypes.data, m, 0)
+    while r == 0 and now_us(ts) < spin_until:
+        c_yield()
+        r = c_poll(pfd.ctypes.data, m, 0)
+    if r == 0:
+        r = c_poll(pfd.ctypes.data, m, np.int32(min(max(0, (deadline - now_us(ts) + 999) // 1000), 1 << 30)))
+    return r
+
+
+@njit(**_JIT)
 def varint(buf, i, end):
     # a protobuf varint at buf[i:end] -> (value, index after it); index -1 if it runs past end
     # or over 10 bytes

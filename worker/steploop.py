@@ -28,7 +28,7 @@ from numba.typed import List
 
 from client import kernels
 from proto import tensorlan_pb2 as pb
-from proto.native import POLLIN, c_poll, c_recv, c_yield, get_len, now_us, put_len, put_varint, send_all, varint
+from proto.native import POLLIN, c_recv, get_len, now_us, poll_until, put_len, put_varint, send_all, varint
 from quant import q8_0
 
 IDLE_MS = 50                      # no byte for this long: back to Python, which blocks
@@ -193,13 +193,8 @@ def _run(fd, buf, start, end, spin_us, max_frame, stats, D, ctx, slots, max_repl
         # then block up to IDLE_MS
         pfd[0] = fd
         pfd[1] = POLLIN
-        t_end = now_us(ts) + spin_us
-        r = c_poll(pfd.ctypes.data, 1, 0)
-        while r == 0 and now_us(ts) < t_end:
-            c_yield()
-            r = c_poll(pfd.ctypes.data, 1, 0)
-        if r == 0:
-            r = c_poll(pfd.ctypes.data, 1, IDLE_MS)
+        t = now_us(ts)
+        r = poll_until(pfd, 1, t + spin_us, t + spin_us + IDLE_MS * 1000, ts)
         if r <= 0:
             return IDLE, start, end            # (or EINTR: Python's recv will tell)
         k = c_recv(fd, buf.ctypes.data + end, len(buf) - end, 0)
