@@ -244,8 +244,9 @@ class Worker(rpc.WorkerServicer):
                     tensors[info.name] = t
                     cached += nbytes
                     continue
-                # numpy buffers, not bytearrays: numpy advises transparent huge pages for large
-                # arrays, which measured here made matvecs ~10% faster
+                # numpy buffers, not bytearrays: without VNNI this buffer is the tensor held, and
+                # numpy advises transparent huge pages for large arrays, which measured here made
+                # matvecs ~10% faster (on VNNI, runnable() repacks it: q8_0._Arena)
                 buf, filled = np.empty(nbytes, np.uint8), 0
             elif part == "data":
                 data = memoryview(chunk.data)
