@@ -124,9 +124,9 @@ def available_memory() -> tuple[int, str]:
 
 
 def room_for_huge_pages(nbytes: int) -> bool:
-    """Whether a node's weights of nbytes go in huge pages (quant.q8_0._Arena: ~7% faster to
+    """Whether a node's weights of nbytes go in huge pages (quant.q8_0.Arena: ~7% faster to
     stream a quarter-host's layer): only where the host has twice that available, since on a host
-    at its memory limit they made it slower (see _Arena)."""
+    at its memory limit they made it slower (see Arena)."""
     return available_memory()[0] >= 2 * nbytes
 
 

@@ -348,9 +348,9 @@ class SliceSet:
         tensor at a time; progress(done, total) counts tensors. huge: weights in huge pages
         (q8.runnable)."""
         loaders = shard_tensors(ckpt, cfg, shard, fmt, classifier)
-        tensors = {}
+        tensors, arena = {}, q8.Arena() if huge else None
         for i, (name, load) in enumerate(loaders):
-            tensors[name] = q8.runnable(load(), huge)
+            tensors[name] = q8.runnable(load(), arena)
             if progress:
                 progress(i + 1, len(loaders))
         return SliceSet.from_tensors(cfg, shard, tensors, ctx or cfg.max_seq_len, kv_dtype, slots)

@@ -447,8 +447,9 @@ def _pack_tiles(q, d, tq, td):
                     tq[g, b * 512 + (c // 4) * 64 + lane * 4 + c % 4] = v
 
 
-class _Arena:
-    """Memory for the weights a node holds, in transparent huge pages whatever their size.
+class Arena:
+    """Memory for weights loaded together (a SliceSet's build, a worker's upload), in transparent
+    huge pages whatever their size.
 
     Weights stream through the kernels once per token, and from 4 KB pages one core reads them
     slower: a quarter-host's layer (Wqkv 1.4 MB, Wo 1.1 MB, Wgu 5.8 MB, Wdown 2.9 MB) at 23.0
@@ -457,8 +458,11 @@ class _Arena:
     (`madvise` mode), so a slice under 4 MB (a worker's attention matrices, a two-node client's)
     sat in 4 KB pages. Here held weights are placed one after another in mappings of CHUNK
     bytes (2 MB aligned, advised whole): nothing is committed beyond what is written but the
-    last huge page of a chunk. A chunk is unmapped when no array in it is left; the one being
-    filled stays. Where the kernel offers no huge pages it is plain memory.
+    last huge page of a chunk. One arena per load, dropped after it: a chunk is unmapped when no
+    array in it is left, so weights dropped later (a re-plan, a rejected upload) free their
+    memory. (One arena for the process kept its chunk being filled alive, and the space of every
+    weight dropped from it with it: a worker taking upload after upload grew ~9 MB over the fuzz
+    test's second half.) Where the kernel offers no huge pages it is plain memory.
 
     Not on a host near its memory limit (client.host.room_for_huge_pages): with huge pages for
     every weight of 2 MB and more, the Llama-2-7B shape on four 2.5 GB hosts ran 2.65-3.26 tok/s
@@ -490,15 +494,12 @@ class _Arena:
         return out.reshape(shape)
 
 
-_ARENA = _Arena()
-
-
-def tiles(w: Q8Tensor, huge: bool = False) -> Q8Tiles:
-    """w repacked for the VNNI kernel (see Q8Tiles); the same size, rows padded to 16. huge: in
-    huge pages (_Arena: for weights held for long, a node's slices); else NumPy's memory."""
+def tiles(w: Q8Tensor, arena: Arena | None = None) -> Q8Tiles:
+    """w repacked for the VNNI kernel (see Q8Tiles); the same size, rows padded to 16. arena: in
+    its huge pages (weights held for long, a node's slices); else NumPy's memory."""
     R, Cp = w.q.shape
     G = (R + _GROUP - 1) // _GROUP
-    tq = _ARENA.empty((G, Cp // QK * 512)) if huge else np.empty((G, Cp // QK * 512), np.uint8)
+    tq = arena.empty((G, Cp // QK * 512)) if arena is not None else np.empty((G, Cp // QK * 512), np.uint8)
     td = np.empty((G, Cp // QK, _GROUP), np.uint16)
     _pack_tiles(w.q, w.d, tq, td)
     return Q8Tiles(tq, td, R, w.cols)
@@ -774,11 +775,11 @@ def _vnni_products(w: Q8Tiles, X, out: np.ndarray, zero) -> None:
     _matmul_tiles(w.q, w.d, w.rows, XQ, XC, XS, out, zero, 4 if out.dtype == np.float64 else 8)
 
 
-def runnable(w, huge: bool = False):
+def runnable(w, arena: Arena | None = None):
     """A weight in the form this host's kernels run: Q8_0 repacked into tiles on VNNI CPUs
-    (done once, when a node's slices are built), anything else as it is. huge: the tiles in
-    huge pages whatever their size (_Arena; client.host.room_for_huge_pages says when)."""
-    return tiles(w, huge) if VNNI and isinstance(w, Q8Tensor) else w
+    (done once, when a node's slices are built), anything else as it is. arena: the tiles in
+    its huge pages (client.host.room_for_huge_pages says when)."""
+    return tiles(w, arena) if VNNI and isinstance(w, Q8Tensor) else w
 
 
 def matvec(w, x: np.ndarray, vnni: bool | None = None, acc64: bool = False) -> np.ndarray:

@@ -254,11 +254,11 @@ def test_tiles_in_huge_pages_are_the_same_weights(monkeypatch):
     """Held weights in the huge-page arena: each tiles array 64-byte aligned, none overlapping
     another (several per chunk, and one larger than a chunk), the same bytes as NumPy-memory
     tiles, and the arena's mappings advised for huge pages (smaps: THPeligible)."""
-    monkeypatch.setattr(Q, "_ARENA", Q._Arena())
-    monkeypatch.setattr(Q._Arena, "CHUNK", 4 << 20)
+    monkeypatch.setattr(Q.Arena, "CHUNK", 4 << 20)
+    arena = Q.Arena()
     rng = np.random.default_rng(9)
     ws = [Q.quantize(rng.standard_normal((r, 256)).astype(np.float32)) for r in (40, 16, 17000, 300, 3)]
-    held = [Q.runnable(w, huge=True) for w in ws]
+    held = [Q.runnable(w, arena) for w in ws]
     for w, h in zip(ws, held):
         t = Q.tiles(w)
         assert h.q.ctypes.data % 64 == 0
@@ -284,3 +284,25 @@ def test_tiles_in_huge_pages_are_the_same_weights(monkeypatch):
     for a, b in spans:
         region = [ok for (s, e), ok in eligible.items() if s <= a < e]
         assert region == [True], (hex(a), region)
+
+
+@pytest.mark.skipif(not Q.VNNI, reason="tiles are the VNNI kernel's layout")
+def test_an_arena_is_unmapped_with_its_weights():
+    """Weights loaded into an arena and then dropped, arena and all, leave no mapping behind
+    (a worker taking upload after upload must not keep the space of the ones it dropped)."""
+    import gc
+
+    def mapped(addr):
+        for line in open("/proc/self/maps"):
+            s, e = (int(v, 16) for v in line.split()[0].split("-"))
+            if s <= addr < e:
+                return True
+        return False
+
+    arena = Q.Arena()
+    w = Q.runnable(Q.quantize(np.ones((64, 256), np.float32)), arena)
+    addr = w.q.ctypes.data
+    assert mapped(addr)
+    del w, arena
+    gc.collect()
+    assert not mapped(addr)

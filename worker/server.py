@@ -213,6 +213,7 @@ class Worker(rpc.WorkerServicer):
         has been checked against the shard and the header's total. huge: held in huge pages
         (q8_0.runnable)."""
         tensors, expected, fmt = {}, None, None
+        arena = q8_0.Arena() if huge else None
         received = cached = announced = 0
         info, buf, filled = None, None, 0
         for chunk in chunks:
@@ -240,13 +241,13 @@ class Worker(rpc.WorkerServicer):
                         if data is None:
                             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                           f"tensor {info.name} ({info.sha256.hex()[:16]}) is not cached here")
-                        t = self.cache.keep(info.sha256, q8_0.runnable(unpack_tensor(info, data, verify=False), huge))
+                        t = self.cache.keep(info.sha256, q8_0.runnable(unpack_tensor(info, data, verify=False), arena))
                     tensors[info.name] = t
                     cached += nbytes
                     continue
                 # numpy buffers, not bytearrays: without VNNI this buffer is the tensor held, and
                 # numpy advises transparent huge pages for large arrays, which measured here made
-                # matvecs ~10% faster (on VNNI, runnable() repacks it: q8_0._Arena)
+                # matvecs ~10% faster (on VNNI, runnable() repacks it: q8_0.Arena)
                 buf, filled = np.empty(nbytes, np.uint8), 0
             elif part == "data":
                 data = memoryview(chunk.data)
@@ -259,7 +260,7 @@ class Worker(rpc.WorkerServicer):
                 raise WireError("an upload chunk with no header, tensor or data")
             if filled == buf.nbytes:  # held as the kernels run it, one copy for all sessions
                 tensors[info.name] = self.cache.put(info.sha256, buf, q8_0.runnable(
-                    unpack_tensor(info, buf), huge))  # (unpack_tensor checks the sha256)
+                    unpack_tensor(info, buf), arena))  # (unpack_tensor checks the sha256)
                 buf = None
         if buf is not None:
             raise WireError(f"upload ended inside tensor {info.name}")
