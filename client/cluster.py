@@ -29,6 +29,7 @@ import grpc
 import numpy as np
 
 from client.errors import UserError
+from client.host import quota_share
 from client.progress import Progress
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
@@ -162,6 +163,7 @@ class RemoteNode:
         self.calls: list[Call] = []
         self._pending = None
         self.fixed_ms = None     # what its step round trips cost per token, if the plan measured it
+        self.busy_ms = None      # under a CPU quota: what its steps cost it per token when kept busy
         self.token_seconds = 0.0 # its expected compute for one token through its shard (deadlines)
         self.step_timeout = STEP_TIMEOUT
         self._timeout = None
@@ -289,19 +291,21 @@ class RemoteNode:
         self.frames = FrameReader(self.sock, spin=0.0) if self.tls else FrameReader(self.sock)
         self._greet = True
 
-    def step_cost(self, nbytes: int, n: int = 30) -> tuple[float, float]:
+    def step_cost(self, nbytes: int, n: int = 30) -> tuple[float, float, float]:
         """What each layer step costs beyond compute, in seconds, from PINGs on the step channel
-        carrying a step's nbytes each way: (beyond, client).
+        carrying a step's nbytes each way: (beyond, client, busy).
 
         client: the client's own CPU for the step (sending it, reading the reply), which it
         spends whatever share this node has; beyond: what the node adds while the client
         computes its own share: the single ping's median round trip (network, relay, the node
         waking up) less the client's part of it, plus how much a pipelined burst of pings takes
         per ping beyond the client's part. The burst keeps the node busy as real steps do, so
-        that on a slow or CPU-capped node the CPU the step path takes (syscalls, the kernel's
-        network stack, Python) shows at the node's own pace; an uncapped node on loopback
-        keeps up with the client (beyond ~0). The plan weighs both against the compute the node
-        would take over (client.model.time_balanced)."""
+        that on a slow node the CPU the step path takes (syscalls, the kernel's network stack,
+        Python) shows at the node's own pace; an uncapped node on loopback keeps up with the
+        client (beyond ~0). busy: per ping, a burst kept going for at least four periods of the
+        node's CPU quota, if it has one (else the burst above): what a step costs a node that
+        its steps keep busy, throttled waits included. The plan weighs them against the compute
+        the node would take over (client.model.time_balanced)."""
         self.connect()
         if nbytes in self._step_cost:  # measured before (a re-plan after a worker loss)
             return self._step_cost[nbytes]
@@ -319,15 +323,27 @@ class RemoteNode:
             self._reply()
         client = (time.thread_time() - c) / n
         self.frames.spin = spin
-        t = time.perf_counter()
-        for _ in range(n):  # n x nbytes stays well inside the sockets' buffers
-            self._request(ping)
-        for _ in range(n):
-            self._reply()
-        burst = (time.perf_counter() - t) / n
+        burst = self._burst(ping, n, 0.0)
         beyond = max(0.0, float(np.median(single)) - client) + max(0.0, burst - client)
-        self._step_cost[nbytes] = (beyond, client)
-        return beyond, client
+        capped = quota_share(self.info.cfs_quota_us, self.info.cfs_period_us, self.info.threads)
+        busy = self._burst(ping, n, 4 * self.info.cfs_period_us * 1e-6) if capped else burst
+        self._step_cost[nbytes] = (beyond, client, busy)
+        return beyond, client, busy
+
+    def _burst(self, ping, n: int, seconds: float) -> float:
+        """Seconds per ping of n pings sent ahead of their replies (well inside the sockets'
+        buffers), and, for `seconds`, one more sent as each reply comes."""
+        t = time.perf_counter()
+        sent = got = 0
+        while True:
+            while sent - got < n and (sent < n or time.perf_counter() - t < seconds):
+                self._request(ping)
+                sent += 1
+            if got == sent:
+                break
+            self._reply()
+            got += 1
+        return (time.perf_counter() - t) / got
 
     def open(self, ctx: int, kv_dtype: str, wire: str = "f32", slots: int = 1, fmt: str = "q8_0") -> None:
         """A session on the step channel: fresh KV caches for `slots` sequences of ctx positions;

@@ -70,14 +70,15 @@ def cfs_quota() -> tuple[int, int] | None:
     return None
 
 
-def quota_stall(quota_us: int, period_us: int) -> float:
-    """Seconds a busy CFS-capped process keeps a request waiting, on average: it may run `quota`
-    of every `period`, so a request arriving at a random moment finds it throttled for the rest
-    of the period (1 - quota/period of the time), half of it on average: 3.5 ms for 0.125 core
-    of an 8 ms period, 1.5 ms for 0.25 of 4 ms, measured 3.5 and ~1.5 per step here. Zero for a
-    quota of a whole core or more per thread."""
-    frac = min(1.0, quota_us / period_us)
-    return (1 - frac) * period_us / 2 * 1e-6
+def quota_share(quota_us: int, period_us: int, threads: int) -> float | None:
+    """The fraction of its threads' time a CFS-capped process may run (quota / period / threads),
+    or None when it may run all of it (no quota, or a whole core or more per thread). Such a
+    process runs at full speed until it has used the period's quota, then waits for the next
+    period: client.model.time_balanced weighs both."""
+    if not (quota_us and period_us):
+        return None
+    frac = quota_us / period_us / max(1, threads)
+    return frac if frac < 1 else None
 
 
 def cgroup_room() -> tuple[int, str] | None:

@@ -27,7 +27,7 @@ from client.cluster import (NodeLost, RemoteNode, activations_wire, manifest_key
 from client.config import LlamaConfig
 from client.fanout import Fanout
 from client.errors import UserError
-from client.host import available_memory, cpu_quota, quota_stall, room_for_huge_pages
+from client.host import available_memory, cpu_quota, quota_share, room_for_huge_pages
 from client.slices import (Shard, SliceSet, layer_name, load_matrix, output_name,
                            shard_nbytes, shard_tensors)
 from client.tokenizer import Tokenizer
@@ -88,32 +88,56 @@ def node_weights(remote: list, local: bool) -> list[float]:
 
 
 def time_balanced(whole_seconds: list[float], fixed: list[float],
-                  serial: list[float] | None = None) -> list[float]:
-    """Shares s_i (summing to 1) that give every node the same time per token,
+                  serial: list[float] | None = None, capped: list | None = None) -> list[float]:
+    """Shares s_i (summing to 1) that give every node the same time per token t:
         t = fixed_i + s_i * whole_seconds_i,
     where whole_seconds_i is node i's time for the whole model's matmuls (bytes / its speed) and
     fixed_i what it costs per token whatever its share (a round trip per layer step) while the
-    others compute. A node whose fixed cost alone exceeds t gets nothing. serial_i: what node i
-    costs every token on top of t, whatever the split (the client's own CPU to send it its steps
-    and read its replies): a node is left out, too, when dropping it makes t plus the serial
-    costs of the nodes kept smaller (with stories260K's microseconds of matmuls, every worker)."""
-    T = np.asarray(whole_seconds, np.float64)
-    f = np.asarray(fixed, np.float64)
-    c = np.zeros(len(T)) if serial is None else np.asarray(serial, np.float64)
+    others compute. A node whose fixed cost alone exceeds t gets nothing.
+
+    capped_i = (q, busy) for a node under a CPU quota: it may run a fraction q of its threads'
+    time (its speed, measured over whole periods, is q times its full speed) and its steps cost
+    it `busy` per token at its own pace when kept busy. Such a node computes at full speed until
+    the period's quota is used up, then waits for the next period, so
+        t = max(fixed_i + s_i * q * whole_seconds_i,  busy + s_i * whole_seconds_i):
+    while its share leaves it quota to spare, a step costs the round trip and its compute at
+    full speed; once its share keeps it busy, its quota is the limit, throttled waits included.
+    (A small share on a 0.125-core host is then worth having: measured, 8:1:1:1 over one 0.5-core
+    and three 0.125-core hosts ran 14-15 tok/s, the 0.5-core host alone 11.5-13.)
+
+    serial_i: what node i costs every token on top of t, whatever the split (the client's own
+    CPU to send it its steps and read its replies): a node is left out, too, when dropping it
+    makes t plus the serial costs of the nodes kept smaller (with stories260K's microseconds of
+    matmuls, every worker)."""
+    n = len(whole_seconds)
+    c = np.zeros(n) if serial is None else np.asarray(serial, np.float64)
+    lines = [[(f, w)] if not cap else [(f, cap[0] * w), (cap[1], w)]       # t = a + s * b each
+             for f, w, cap in zip(fixed, whole_seconds, capped or [None] * n)]
+
+    def share(i, t):  # node i's share at time per token t: the least any of its lines allows
+        return max(0.0, min((t - a) / b for a, b in lines[i]))
 
     def balance(active):  # -> (shares, time per token with the serial costs)
-        active = active.copy()
-        while True:
-            t = (1 + (f[active] / T[active]).sum()) / (1 / T[active]).sum()
-            drop = active & (f >= t)
-            if not drop.any():
-                return np.where(active, (t - f) / T, 0.0), t + c[active].sum()
-            active &= ~drop
+        idx = np.flatnonzero(active)
+        lo = min(max(a for a, _ in lines[i]) for i in idx)                  # no share yet
+        hi = max(max(a + b for a, b in lines[i]) for i in idx)              # anyone could do all
+        for _ in range(200):  # sum of shares: continuous, increasing in t
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if sum(share(i, mid) for i in idx) < 1 else (lo, mid)
+        # the lines in force at t, solved exactly: t = (1 + sum a/b) / sum 1/b over the nodes
+        # with a share (so that a node alone gets exactly 1 and one left out exactly 0)
+        on = [(i, min(lines[i], key=lambda ab: (hi - ab[0]) / ab[1])) for i in idx
+              if share(i, hi) > 1e-9]
+        t = (1 + sum(a / b for _, (a, b) in on)) / sum(1 / b for _, (_, b) in on)
+        s = np.zeros(n)
+        for i, (a, b) in on:
+            s[i] = max(0.0, (t - a) / b)
+        return s / s.sum(), t + c[[i for i, _ in on]].sum()
 
-    shares, total = balance(np.ones(len(T), bool))
+    shares, total = balance(np.ones(n, bool))
     while (shares > 0).sum() > 1:  # leave out the node whose absence saves most, while one does
         kept = shares > 0
-        (trial, t), i = min(((balance(kept & (np.arange(len(T)) != i)), i) for i in np.flatnonzero(kept)),
+        (trial, t), i = min(((balance(kept & (np.arange(n) != i)), i) for i in np.flatnonzero(kept)),
                             key=lambda x: x[0][1])
         if t >= total:
             break
@@ -124,9 +148,9 @@ def time_balanced(whole_seconds: list[float], fixed: list[float],
 def plan_weights(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: str) -> list[float]:
     """Each node's share: explicit *W weights as given; else balanced on time per token from
     each node's measured speed and what its 2L + 1 steps per token cost beyond compute (see
-    RemoteNode.step_cost): what a worker adds while this process computes its own share (plus,
-    under a CPU quota, the wait for its next period, host.quota_stall), and this process's own
-    CPU to send it each step and read the reply, which no split hides."""
+    RemoteNode.step_cost): what a worker adds while this process computes its own share, for a
+    worker under a CPU quota also what its steps cost it when kept busy (time_balanced), and
+    this process's own CPU to send it each step and read the reply, which no split hides."""
     speeds = node_weights(remote, local)
     if any(r.weight is not None for r in remote):
         return speeds
@@ -135,14 +159,19 @@ def plan_weights(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: st
     x = np.zeros((1, cfg.dim), np.float32)
     reply = len(encode(x, wire))  # a ping echoes its bytes: the larger of a step's two ways
     costs = [r.step_cost(max(reply, len(encode(x, activations_wire(wire, fmt, r.info)))))
-             for r in remote]  # (beyond, client) seconds per step
-    fixed = ([0.0] if local else []) + [
-        steps * (beyond + (quota_stall(r.info.cfs_quota_us, r.info.cfs_period_us)
-                           if r.info.cfs_period_us else 0.0)) for r, (beyond, _) in zip(remote, costs)]
-    serial = ([0.0] if local else []) + [steps * client for _, client in costs]
-    for r, f, c in zip(remote, fixed[local:], serial[local:]):
+             for r in remote]  # (beyond, client, busy) seconds per step
+    quotas = [quota_share(r.info.cfs_quota_us, r.info.cfs_period_us, r.info.threads) for r in remote]
+    fixed = ([0.0] if local else []) + [steps * beyond for beyond, _, _ in costs]
+    serial = ([0.0] if local else []) + [steps * client for _, client, _ in costs]
+    # a capped worker's steps when busy: at least what a ping costs it, and what a step cost it
+    # in its last session if it has had one (a ping's CPU misses a step's own: ~30 vs ~80 us)
+    capped = ([None] if local else []) + [
+        (q, steps * max(busy, r.info.step_cpu_us * 1e-6 / q)) if q else None
+        for r, q, (_, _, busy) in zip(remote, quotas, costs)]
+    for r, f, c, cap in zip(remote, fixed[local:], serial[local:], capped[local:]):
         r.fixed_ms = (f + c) * 1e3
-    return time_balanced([gb / v for v in speeds], fixed, serial)
+        r.busy_ms = cap[1] * 1e3 if cap else None
+    return time_balanced([gb / v for v in speeds], fixed, serial, capped)
 
 
 def water_fill(weights: list[float], caps: list[float]) -> list[float] | None:

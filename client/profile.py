@@ -21,7 +21,7 @@ def print_nodes(model) -> None:
     for i, n in enumerate(model.nodes):
         if isinstance(n, RemoteNode):
             sent = f"{n.uploaded_bytes / 1e6:,.1f} MB uploaded" if n.uploaded_bytes else "all cached there"
-            rtt = f"steps cost {n.fixed_ms:.0f} ms/token beyond compute, " if n.fixed_ms is not None else ""
+            rtt = f"steps cost {_costs(n)} beyond compute, " if n.fixed_ms is not None else ""
             sh, who = n.shard, (f"{n.addr} ({n.info.cores} cores, {n.info.speed_gb_s:.1f} GB/s, {rtt}"
                                 f"{n.info.memory_bytes / 1e9:.1f} GB free, {sent})")
         else:
@@ -30,8 +30,14 @@ def print_nodes(model) -> None:
               f"{sh.units[1]}, classifier rows {sh.rows[0]}-{sh.rows[1]}")
     for n in model.idle:
         _echo(f"worker {n.addr} ({n.info.speed_gb_s:.1f} GB/s) left out: its steps would cost "
-              f"{n.fixed_ms:.0f} ms per token beyond compute (round trips, waits for its CPU "
-              "quota), more than its share of the compute would save (a *W weight includes it)")
+              f"{_costs(n)} beyond compute, more than its share of the compute would save (a *W "
+              "weight includes it)")
+
+
+def _costs(n: RemoteNode) -> str:
+    """What a worker's steps cost per token beyond compute, as the plan measured it."""
+    s = f"{n.fixed_ms:.0f} ms/token"
+    return s + (f" ({n.busy_ms:.0f} ms/token of its CPU quota when busy)" if n.busy_ms is not None else "")
 
 
 def print_pings(model) -> None:

@@ -18,6 +18,7 @@ c_yield = types.ExternalFunction("sched_yield", _i32())
 
 MSG_NOSIGNAL = 0x4000
 CLOCK_MONOTONIC = 1
+CLOCK_THREAD_CPUTIME_ID = 3
 POLLIN = 1
 
 _JIT = dict(cache=True, nogil=True)
@@ -27,6 +28,13 @@ _JIT = dict(cache=True, nogil=True)
 def now_us(ts):
     # the monotonic clock in microseconds (ts: int64[2], a timespec to write into)
     c_clock(CLOCK_MONOTONIC, ts.ctypes.data)
+    return ts[0] * 1000000 + ts[1] // 1000
+
+
+@njit(**_JIT)
+def thread_cpu_us(ts):
+    # the calling thread's CPU time in microseconds (as now_us)
+    c_clock(CLOCK_THREAD_CPUTIME_ID, ts.ctypes.data)
     return ts[0] * 1000000 + ts[1] // 1000
 
 

@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/tensorlan.proto\x12\ttensorlan\"O\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x15\n\rmeasure_speed\x18\x03 \x01(\x08\"\x84\x02\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x63ores\x18\x03 \x01(\r\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x12\n\nspeed_gb_s\x18\x06 \x01(\x01\x12\x11\n\tdata_port\x18\x07 \x01(\r\x12\x14\n\x0c\x63\x66s_quota_us\x18\x08 \x01(\r\x12\x15\n\rcfs_period_us\x18\t \x01(\r\x12\x10\n\x08sessions\x18\n \x01(\r\x12\x15\n\rsession_bytes\x18\x0b \x01(\x04\x12\x16\n\x0eq8_activations\x18\x0c \x01(\x08\"h\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\"\xae\x01\n\x0cUploadHeader\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12\x12\n\nhead_begin\x18\x02 \x01(\r\x12\x10\n\x08head_end\x18\x03 \x01(\r\x12\x12\n\nunit_begin\x18\x04 \x01(\r\x12\x10\n\x08unit_end\x18\x05 \x01(\r\x12\x11\n\trow_begin\x18\x06 \x01(\r\x12\x0f\n\x07row_end\x18\x07 \x01(\r\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04J\x04\x08\x08\x10\t\"y\n\x0bUploadChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.tensorlan.UploadHeaderH\x00\x12\'\n\x06tensor\x18\x03 \x01(\x0b\x32\x15.tensorlan.TensorInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1d\n\x0bHaveRequest\x12\x0e\n\x06sha256\x18\x01 \x03(\x0c\"\x19\n\tHaveReply\x12\x0c\n\x04have\x18\x01 \x03(\x08\";\n\x0bUploadReply\x12\x14\n\x0cslice_set_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\"\x91\x02\n\x0bStepRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x19\n\x02op\x18\x02 \x01(\x0e\x32\r.tensorlan.Op\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0b\n\x03pos\x18\x04 \x01(\r\x12\x0e\n\x06tokens\x18\x05 \x01(\r\x12\t\n\x01x\x18\x06 \x01(\x0c\x12\x14\n\x0cslice_set_id\x18\x07 \x01(\t\x12\x0b\n\x03\x63tx\x18\x08 \x01(\r\x12\x10\n\x08kv_dtype\x18\t \x01(\t\x12\x0c\n\x04wire\x18\n \x01(\t\x12\r\n\x05token\x18\x0b \x01(\t\x12\r\n\x05slots\x18\x0c \x01(\r\x12\x10\n\x08seg_slot\x18\r \x03(\r\x12\x0f\n\x07seg_pos\x18\x0e \x03(\r\x12\x0f\n\x07seg_len\x18\x0f \x03(\r\x12\x0e\n\x06x_wire\x18\x10 \x01(\t\"Z\n\tStepReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\t\n\x01y\x18\x02 \x01(\x0c\x12\x12\n\ncompute_us\x18\x03 \x01(\x04\x12\x12\n\nerror_code\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1c\n\tPingReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c*<\n\x02Op\x12\x08\n\x04OPEN\x10\x00\x12\r\n\tATTENTION\x10\x01\x12\x07\n\x03\x46\x46N\x10\x02\x12\n\n\x06LOGITS\x10\x03\x12\x08\n\x04PING\x10\x04\x32\xa6\x02\n\x06Worker\x12\x37\n\x05Hello\x12\x17.tensorlan.HelloRequest\x1a\x15.tensorlan.HelloReply\x12\x34\n\x04Have\x12\x16.tensorlan.HaveRequest\x1a\x14.tensorlan.HaveReply\x12:\n\x06Upload\x12\x16.tensorlan.UploadChunk\x1a\x16.tensorlan.UploadReply(\x01\x12;\n\x07Session\x12\x16.tensorlan.StepRequest\x1a\x14.tensorlan.StepReply(\x01\x30\x01\x12\x34\n\x04Ping\x12\x16.tensorlan.PingRequest\x1a\x14.tensorlan.PingReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/tensorlan.proto\x12\ttensorlan\"O\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x15\n\rmeasure_speed\x18\x03 \x01(\x08\"\x99\x02\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x63ores\x18\x03 \x01(\r\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x12\n\nspeed_gb_s\x18\x06 \x01(\x01\x12\x11\n\tdata_port\x18\x07 \x01(\r\x12\x14\n\x0c\x63\x66s_quota_us\x18\x08 \x01(\r\x12\x15\n\rcfs_period_us\x18\t \x01(\r\x12\x10\n\x08sessions\x18\n \x01(\r\x12\x15\n\rsession_bytes\x18\x0b \x01(\x04\x12\x16\n\x0eq8_activations\x18\x0c \x01(\x08\x12\x13\n\x0bstep_cpu_us\x18\r \x01(\x01\"h\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\"\xae\x01\n\x0cUploadHeader\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12\x12\n\nhead_begin\x18\x02 \x01(\r\x12\x10\n\x08head_end\x18\x03 \x01(\r\x12\x12\n\nunit_begin\x18\x04 \x01(\r\x12\x10\n\x08unit_end\x18\x05 \x01(\r\x12\x11\n\trow_begin\x18\x06 \x01(\r\x12\x0f\n\x07row_end\x18\x07 \x01(\r\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04J\x04\x08\x08\x10\t\"y\n\x0bUploadChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.tensorlan.UploadHeaderH\x00\x12\'\n\x06tensor\x18\x03 \x01(\x0b\x32\x15.tensorlan.TensorInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1d\n\x0bHaveRequest\x12\x0e\n\x06sha256\x18\x01 \x03(\x0c\"\x19\n\tHaveReply\x12\x0c\n\x04have\x18\x01 \x03(\x08\";\n\x0bUploadReply\x12\x14\n\x0cslice_set_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\"\x91\x02\n\x0bStepRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x19\n\x02op\x18\x02 \x01(\x0e\x32\r.tensorlan.Op\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0b\n\x03pos\x18\x04 \x01(\r\x12\x0e\n\x06tokens\x18\x05 \x01(\r\x12\t\n\x01x\x18\x06 \x01(\x0c\x12\x14\n\x0cslice_set_id\x18\x07 \x01(\t\x12\x0b\n\x03\x63tx\x18\x08 \x01(\r\x12\x10\n\x08kv_dtype\x18\t \x01(\t\x12\x0c\n\x04wire\x18\n \x01(\t\x12\r\n\x05token\x18\x0b \x01(\t\x12\r\n\x05slots\x18\x0c \x01(\r\x12\x10\n\x08seg_slot\x18\r \x03(\r\x12\x0f\n\x07seg_pos\x18\x0e \x03(\r\x12\x0f\n\x07seg_len\x18\x0f \x03(\r\x12\x0e\n\x06x_wire\x18\x10 \x01(\t\"Z\n\tStepReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\t\n\x01y\x18\x02 \x01(\x0c\x12\x12\n\ncompute_us\x18\x03 \x01(\x04\x12\x12\n\nerror_code\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1c\n\tPingReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c*<\n\x02Op\x12\x08\n\x04OPEN\x10\x00\x12\r\n\tATTENTION\x10\x01\x12\x07\n\x03\x46\x46N\x10\x02\x12\n\n\x06LOGITS\x10\x03\x12\x08\n\x04PING\x10\x04\x32\xa6\x02\n\x06Worker\x12\x37\n\x05Hello\x12\x17.tensorlan.HelloRequest\x1a\x15.tensorlan.HelloReply\x12\x34\n\x04Have\x12\x16.tensorlan.HaveRequest\x1a\x14.tensorlan.HaveReply\x12:\n\x06Upload\x12\x16.tensorlan.UploadChunk\x1a\x16.tensorlan.UploadReply(\x01\x12;\n\x07Session\x12\x16.tensorlan.StepRequest\x1a\x14.tensorlan.StepReply(\x01\x30\x01\x12\x34\n\x04Ping\x12\x16.tensorlan.PingRequest\x1a\x14.tensorlan.PingReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.tensorlan_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OP']._serialized_start=1335
-  _globals['_OP']._serialized_end=1395
+  _globals['_OP']._serialized_start=1356
+  _globals['_OP']._serialized_end=1416
   _globals['_HELLOREQUEST']._serialized_start=36
   _globals['_HELLOREQUEST']._serialized_end=115
   _globals['_HELLOREPLY']._serialized_start=118
-  _globals['_HELLOREPLY']._serialized_end=378
-  _globals['_TENSORINFO']._serialized_start=380
-  _globals['_TENSORINFO']._serialized_end=484
-  _globals['_UPLOADHEADER']._serialized_start=487
-  _globals['_UPLOADHEADER']._serialized_end=661
-  _globals['_UPLOADCHUNK']._serialized_start=663
-  _globals['_UPLOADCHUNK']._serialized_end=784
-  _globals['_HAVEREQUEST']._serialized_start=786
-  _globals['_HAVEREQUEST']._serialized_end=815
-  _globals['_HAVEREPLY']._serialized_start=817
-  _globals['_HAVEREPLY']._serialized_end=842
-  _globals['_UPLOADREPLY']._serialized_start=844
-  _globals['_UPLOADREPLY']._serialized_end=903
-  _globals['_STEPREQUEST']._serialized_start=906
-  _globals['_STEPREQUEST']._serialized_end=1179
-  _globals['_STEPREPLY']._serialized_start=1181
-  _globals['_STEPREPLY']._serialized_end=1271
-  _globals['_PINGREQUEST']._serialized_start=1273
-  _globals['_PINGREQUEST']._serialized_end=1303
-  _globals['_PINGREPLY']._serialized_start=1305
-  _globals['_PINGREPLY']._serialized_end=1333
-  _globals['_WORKER']._serialized_start=1398
-  _globals['_WORKER']._serialized_end=1692
+  _globals['_HELLOREPLY']._serialized_end=399
+  _globals['_TENSORINFO']._serialized_start=401
+  _globals['_TENSORINFO']._serialized_end=505
+  _globals['_UPLOADHEADER']._serialized_start=508
+  _globals['_UPLOADHEADER']._serialized_end=682
+  _globals['_UPLOADCHUNK']._serialized_start=684
+  _globals['_UPLOADCHUNK']._serialized_end=805
+  _globals['_HAVEREQUEST']._serialized_start=807
+  _globals['_HAVEREQUEST']._serialized_end=836
+  _globals['_HAVEREPLY']._serialized_start=838
+  _globals['_HAVEREPLY']._serialized_end=863
+  _globals['_UPLOADREPLY']._serialized_start=865
+  _globals['_UPLOADREPLY']._serialized_end=924
+  _globals['_STEPREQUEST']._serialized_start=927
+  _globals['_STEPREQUEST']._serialized_end=1200
+  _globals['_STEPREPLY']._serialized_start=1202
+  _globals['_STEPREPLY']._serialized_end=1292
+  _globals['_PINGREQUEST']._serialized_start=1294
+  _globals['_PINGREQUEST']._serialized_end=1324
+  _globals['_PINGREPLY']._serialized_start=1326
+  _globals['_PINGREPLY']._serialized_end=1354
+  _globals['_WORKER']._serialized_start=1419
+  _globals['_WORKER']._serialized_end=1713
 # @@protoc_insertion_point(module_scope)

@@ -222,6 +222,21 @@ def test_cluster_end_to_end():
         assert got.returncode == 0, got.stderr
         assert json.loads(got.stdout)["new_ids"] == json.loads(want.stdout)["new_ids"]
         assert "127.0.0.1:7002" in got.stderr and "avg round trip" in got.stderr
+        # the session's 100+ steps tell the capped worker what a step costs its CPU beyond
+        # compute (for the next plan); the uncapped one polls between steps: no figure
+        t = time.time()
+        while "a step cost" not in c.log("w1") and time.time() - t < 10:
+            time.sleep(0.1)
+        assert re.search(r"a step cost \d+ us of CPU beyond its kernels", c.log("w1"))
+        assert "a step cost" not in c.log("w0")
+        # the default plan weighs the capped worker's busy steps (node line or left-out line)
+        auto = c.run_client([*args, "--no-local", "--workers", c.workers_arg()])
+        assert auto.returncode == 0, auto.stderr
+        assert json.loads(auto.stdout)["new_ids"] == json.loads(want.stdout)["new_ids"]
+        lines = {a: line for line in auto.stderr.splitlines() for a in ("127.0.0.1:7000", "127.0.0.1:7002")
+                 if a in line and "ms/token" in line}
+        assert "of its CPU quota when busy" in lines["127.0.0.1:7002"], auto.stderr
+        assert "of its CPU quota" not in lines["127.0.0.1:7000"], auto.stderr
         free = dict((a, float(gb)) for a, gb in re.findall(r"node \d+: (\S+) \(.*?([\d.]+) GB free", got.stderr))
         assert 0.5 < free["127.0.0.1:7002"] < 1.074 and free["127.0.0.1:7000"] > 2, free
         # the speed each measured for balancing: the 0.5-core host about half the other's

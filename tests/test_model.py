@@ -327,11 +327,38 @@ def test_time_balanced_leaves_out_nodes_whose_serial_cost_outweighs_their_share(
     assert s[3] == 0 and np.allclose(s[:3], [1 / 3] * 3)
 
 
-def test_quota_stall_is_half_the_throttled_part_of_a_period():
-    from client.host import quota_stall
-    assert quota_stall(1000, 8000) == pytest.approx(3.5e-3)   # 0.125 core
-    assert quota_stall(1000, 4000) == pytest.approx(1.5e-3)   # 0.25 core
-    assert quota_stall(8000, 4000) == 0.0                     # two cores' worth: never throttled
+def test_a_capped_node_computes_at_full_speed_until_its_quota_runs_out():
+    """Under a CPU quota q a node's time per token is the larger of its round trips plus its
+    compute at full speed (q times its measured time) and its steps' cost when busy plus its
+    compute at the measured, quota-bound speed."""
+    from client.model import time_balanced
+    steps = 45
+    # one 0.5-core host and three 0.125-core ones (their speeds, round trips and busy costs as
+    # measured on the emulated LAN): each slow host takes a share, 1/5 of the fast one's
+    whole, fixed = [0.081, 0.344, 0.344, 0.344], [steps * 0.4e-3] * 4
+    capped = [(0.5, steps * 60e-6)] + [(0.125, steps * 226e-6)] * 3
+    s = time_balanced(whole, fixed, capped=capped)
+    t = [max(f + x * q * w, b + x * w) for x, w, f, (q, b) in zip(s, whole, fixed, capped)]
+    assert abs(sum(s) - 1) < 1e-12 and np.allclose(t, t[0]) and s[1] == s[2] == s[3]
+    assert 0.1 < s[1] < 0.15 and t[0] == max(fixed[0] + s[0] * 0.5 * whole[0], capped[0][1] + s[0] * whole[0])
+    # a small share leaves a capped node idle most of each period: its round trips and its
+    # compute at full speed decide (its quota would allow more), no throttled waits
+    s = time_balanced([0.11, 1.0], [0.0, 0.1], capped=[None, (0.125, 0.0)])
+    assert 0 < s[1] < 0.1 and np.isclose(0.1 + s[1] * 0.125, s[0] * 0.11)
+    # once its share keeps it busy, its quota decides: less than its round trips would allow
+    s = time_balanced([1.0, 1.0], [0.0, 0.01], capped=[None, (0.125, 0.05)])
+    assert np.isclose(0.05 + s[1] * 1.0, s[0]) and s[1] < (1 - 0.01) / 1.125
+    # a node with no quota: one line, as before
+    assert np.allclose(time_balanced([1.0, 1.0], [0.0, 0.1], capped=[None, None]),
+                       time_balanced([1.0, 1.0], [0.0, 0.1]))
+
+
+def test_quota_share_is_the_part_of_its_threads_time_a_node_may_run():
+    from client.host import quota_share
+    assert quota_share(1000, 8000, 1) == pytest.approx(0.125)
+    assert quota_share(2000, 4000, 2) == pytest.approx(0.25)   # half a core over two threads
+    assert quota_share(8000, 4000, 2) is None                  # a core per thread: never throttled
+    assert quota_share(0, 0, 1) is None
 
 
 def test_default_threads_follow_the_cpu_quota(monkeypatch):

@@ -70,8 +70,9 @@ def test_loop_replies_equal_the_python_path(wire):
         assert why == CLOSED and left == b""
         assert [(r.seq, r.y) for r in replies] == expected
         assert all(r.error_code == 0 for r in replies)
-        steps, us = loop.take_stats()
+        steps, us, cpu = loop.take_stats()
         assert steps == len(frames) and us >= 0
+        assert 0 < cpu <= us + 2 * steps  # this thread's CPU in the kernels: within their wall time
 
 
 def test_loop_leaves_other_frames_to_python():

@@ -83,6 +83,7 @@ class Worker(rpc.WorkerServicer):
         self.quota, self.cfs = cpu_quota(), cfs_quota()
         self.spin = 0.0 if self.quota or tls else 0.005
         self.speed = q8_0.measure_speed(self.quota)
+        self.step_cpu_us = 0.0   # see note_step_cpu
         warm_up()
         self.data_port, self.threads = data_port, threads
         self.uploads: dict[str, Uploaded] = {}
@@ -105,7 +106,7 @@ class Worker(rpc.WorkerServicer):
                              data_port=self.data_port, cfs_quota_us=self.cfs[0] if self.cfs else 0,
                              cfs_period_us=self.cfs[1] if self.cfs else 0,
                              sessions=self.sessions.count(), session_bytes=self.sessions.kv_bytes(),
-                             q8_activations=q8_0.VNNI)
+                             q8_activations=q8_0.VNNI, step_cpu_us=self.step_cpu_us)
 
     def Ping(self, request, context):
         return pb.PingReply(payload=request.payload)
@@ -295,14 +296,17 @@ class Worker(rpc.WorkerServicer):
                 state["x_wire"] = req.x_wire or request_wire(state["wire"])
                 state["loop"] = (None if self.tls else  # (the step channel's plain socket only)
                                  Loop.of(state["slices"], state["x_wire"], state["wire"], self.limits.max_message))
+                # from here on the session's CPU is its steps' (see note_step_cpu)
+                state["opened"] = (time.process_time(), state.get("steps", 0), state.get("compute_cpu_us", 0))
             elif state.get("slices") is None:
                 raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "no OPEN before steps")
             else:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 reply.y = self.step(state["slices"], req, state["x_wire"], state["wire"])
                 reply.compute_us = int((time.perf_counter() - t) * 1e6)
                 state["steps"] = state.get("steps", 0) + 1
                 state["compute_us"] = state.get("compute_us", 0) + reply.compute_us
+                state["compute_cpu_us"] = state.get("compute_cpu_us", 0) + (time.thread_time() - c) * 1e6
         except StepError as e:
             reply.error_code, reply.error = e.code.value[0], e.message
         except Exception as e:  # a worker bug: the session and the worker go on
@@ -366,6 +370,25 @@ class Worker(rpc.WorkerServicer):
                      "worker peak RSS %.2f GB", *addr[:2], state.get("steps", 0), time.perf_counter() - t0,
                      time.thread_time() - c0, state.get("compute_us", 0) / 1e6,
                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
+            self.note_step_cpu(state)
+
+    def note_step_cpu(self, state: dict) -> None:
+        """What a step cost this worker's CPU beyond computing, from a session that ended: its
+        process CPU over its 100+ steps since it opened (uploads, pings and the KV caches'
+        allocation come before) less the CPU its steps' kernels took (the serving thread's, times
+        the kernel threads), for HelloReply.step_cpu_us. A plan weighs it for a host under a CPU
+        quota, whose steps' fixed CPU (system calls, wake-ups, the classifier's step in Python)
+        eats the quota whatever its share (client.model.time_balanced). Not while it polls
+        between steps (uncapped: that CPU is spent waiting)."""
+        if "opened" not in state or self.spin:
+            return
+        cpu0, steps0, kernels0 = state["opened"]
+        steps = state.get("steps", 0) - steps0
+        if steps < 100:
+            return
+        in_kernels = (state.get("compute_cpu_us", 0) - kernels0) * 1e-6 * self.threads
+        self.step_cpu_us = max(0.0, (time.process_time() - cpu0 - in_kernels) / steps * 1e6)
+        log.info("a step cost %.0f us of CPU beyond its kernels", self.step_cpu_us)
 
     def expire(self, conn: socket.socket) -> None:
         """A step-channel session expired: tell its client why (best effort, without blocking;
@@ -405,9 +428,10 @@ class Worker(rpc.WorkerServicer):
                         return
                     why, frames.start, frames.end = loop.run(conn.fileno(), np.frombuffer(frames.buf, np.uint8),
                                                              frames.start, frames.end, self.spin)
-                    steps, us = loop.take_stats()
+                    steps, us, cpu = loop.take_stats()
                     session.state["steps"] = session.state.get("steps", 0) + steps
                     session.state["compute_us"] = session.state.get("compute_us", 0) + us
+                    session.state["compute_cpu_us"] = session.state.get("compute_cpu_us", 0) + cpu
                 if why == BROKEN:  # a reply could not be sent: the client is gone
                     return
                 # anything else (a frame for Python, an idle or closed socket, a full buffer): below

@@ -28,7 +28,8 @@ from numba.typed import List
 
 from client import kernels
 from proto import tensorlan_pb2 as pb
-from proto.native import POLLIN, c_recv, get_len, now_us, poll_until, put_len, put_varint, send_all, varint
+from proto.native import (POLLIN, c_recv, get_len, now_us, poll_until, put_len, put_varint, send_all,
+                          thread_cpu_us, varint)
 from quant import q8_0
 
 IDLE_MS = 50                      # no byte for this long: back to Python, which blocks
@@ -120,7 +121,7 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
             return 0
         for t in range(T_):
             posa[t] = np.int64(pos) + t
-    t0 = now_us(ts)
+    t0, c0 = now_us(ts), thread_cpu_us(ts)
     ny = kernels.wire_nbytes(T_, D, out)
     rb = np.empty(ny + 48, np.uint8)          # the reply frame: length, seq, y, compute_us
     y0 = 4 + 1 + 10 + 1 + 5                    # room for the header fields before y
@@ -135,7 +136,7 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
         ok = kernels.ffn_step_wire(xb, T_, wgu_q[l], wgu_d[l], nu[l], wdown_q[l], wdown_d[l], D, yb, out)
     if not ok:
         return 0                               # x not finite: nothing computed; Python says so
-    us = now_us(ts) - t0
+    us, cpu = now_us(ts) - t0, thread_cpu_us(ts) - c0
     # header written backwards from y: 0x08 seq, 0x12 len(y); then 0x18 compute_us after y
     hdr = np.empty(20, np.uint8)
     h = 0
@@ -155,6 +156,7 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
         return -1
     stats[0] += 1
     stats[1] += us
+    stats[2] += cpu
     return 1
 
 
@@ -217,7 +219,7 @@ class Loop:
         self.D, self.ctx, self.slots = slices.classifier.shape[1], a0.cache_v.shape[2], a0.cache_v.shape[0]
         self.out = kernels.WIRE_OUT[wire]
         self.max_message, self.max_reply = max_message, max_message - 64
-        self.stats = np.zeros(2, np.int64)    # steps, compute us
+        self.stats = np.zeros(3, np.int64)    # steps, compute us, this thread's CPU us in them
         A, F = slices.attn, slices.ffn  # per layer, as typed lists (the caches: the session's own)
         self.args = (List([a.wqkv.q for a in A]), List([a.wqkv.d for a in A]), List([a.wo.q for a in A]),
                      List([a.wo.d for a in A]), List([a.kv_of_q for a in A]), List([a.cache_k for a in A]),
@@ -243,7 +245,7 @@ class Loop:
                                self.ctx, self.slots, self.max_reply, self.out, *self.args)
         return why, start, end
 
-    def take_stats(self) -> tuple[int, int]:
-        steps, us = int(self.stats[0]), int(self.stats[1])
+    def take_stats(self) -> tuple[int, int, int]:
+        steps, us, cpu = (int(v) for v in self.stats)
         self.stats[:] = 0
-        return steps, us
+        return steps, us, cpu
