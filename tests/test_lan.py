@@ -209,7 +209,7 @@ def test_cleanup_stale_removes_what_a_killed_run_left():
 
 @root_only
 def test_cluster_end_to_end():
-    args = [str(STORIES), "-i", "Once upon a time", "-n", "12", "--json"]
+    args = [str(STORIES), "-i", "Once upon a time", "-n", "24", "--json"]
     want = subprocess.run([str(ROOT / "bin/client"), *args], capture_output=True, text=True,
                           timeout=300)
     assert want.returncode == 0, want.stderr
@@ -222,8 +222,8 @@ def test_cluster_end_to_end():
         assert got.returncode == 0, got.stderr
         assert json.loads(got.stdout)["new_ids"] == json.loads(want.stdout)["new_ids"]
         assert "127.0.0.1:7002" in got.stderr and "avg round trip" in got.stderr
-        # the session's 100+ steps tell the capped worker what a step costs its CPU beyond
-        # compute (for the next plan); the uncapped one polls between steps: no figure
+        # the session's 200+ steps tell the capped worker what a step costs its CPU beyond its
+        # kernels (for the next plan); the uncapped one polls between steps: no figure
         t = time.time()
         while "a step cost" not in c.log("w1") and time.time() - t < 10:
             time.sleep(0.1)

@@ -296,8 +296,8 @@ class Worker(rpc.WorkerServicer):
                 state["x_wire"] = req.x_wire or request_wire(state["wire"])
                 state["loop"] = (None if self.tls else  # (the step channel's plain socket only)
                                  Loop.of(state["slices"], state["x_wire"], state["wire"], self.limits.max_message))
-                # from here on the session's CPU is its steps' (see note_step_cpu)
-                state["opened"] = (time.process_time(), state.get("steps", 0), state.get("compute_cpu_us", 0))
+                state["opened"] = state.get("steps", 0)  # (see note_step_cpu)
+                state.pop("step_cpu_from", None)
             elif state.get("slices") is None:
                 raise StepError(grpc.StatusCode.FAILED_PRECONDITION, "no OPEN before steps")
             else:
@@ -307,6 +307,7 @@ class Worker(rpc.WorkerServicer):
                 state["steps"] = state.get("steps", 0) + 1
                 state["compute_us"] = state.get("compute_us", 0) + reply.compute_us
                 state["compute_cpu_us"] = state.get("compute_cpu_us", 0) + (time.thread_time() - c) * 1e6
+                self.mark_step_cpu(state)
         except StepError as e:
             reply.error_code, reply.error = e.code.value[0], e.message
         except Exception as e:  # a worker bug: the session and the worker go on
@@ -372,17 +373,27 @@ class Worker(rpc.WorkerServicer):
                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
             self.note_step_cpu(state)
 
+    @staticmethod
+    def mark_step_cpu(state: dict) -> None:
+        """Once a session has run 100 steps since it opened, the start of the window over which
+        note_step_cpu counts (the steps before carry the session's start-up: counted from the
+        OPEN, eight alike 0.125-core hosts reported 41-149 ms of quota a token)."""
+        if "opened" in state and "step_cpu_from" not in state and state.get("steps", 0) - state["opened"] >= 100:
+            state["step_cpu_from"] = (time.process_time(), state["steps"], state.get("compute_cpu_us", 0))
+
     def note_step_cpu(self, state: dict) -> None:
-        """What a step cost this worker's CPU beyond computing, from a session that ended: its
-        process CPU over its 100+ steps since it opened (uploads, pings and the KV caches'
-        allocation come before) less the CPU its steps' kernels took (the serving thread's, times
-        the kernel threads), for HelloReply.step_cpu_us. A plan weighs it for a host under a CPU
-        quota, whose steps' fixed CPU (system calls, wake-ups, the classifier's step in Python)
-        eats the quota whatever its share (client.model.time_balanced). Not while it polls
-        between steps (uncapped: that CPU is spent waiting)."""
-        if "opened" not in state or self.spin:
+        """What a step cost this worker's CPU beyond its kernels, from a step-channel session
+        that ended: the process's CPU over 100+ steps (from mark_step_cpu's window on), less the
+        part its steps' kernels took (the serving thread's, times the kernel threads), for
+        HelloReply.step_cpu_us. The process's, as the CPU quota counts it (the step thread's
+        alone missed a third: plans from it gave the slow hosts of the mixed cluster a head
+        too many). A plan weighs it for a host under a CPU quota, whose steps' fixed CPU (system
+        calls, wake-ups, the classifier's step in Python) eats the quota whatever its share
+        (client.model.time_balanced). Not while it polls between steps (uncapped: that CPU is
+        spent waiting)."""
+        if "step_cpu_from" not in state or self.spin:
             return
-        cpu0, steps0, kernels0 = state["opened"]
+        cpu0, steps0, kernels0 = state["step_cpu_from"]
         steps = state.get("steps", 0) - steps0
         if steps < 100:
             return
@@ -432,6 +443,7 @@ class Worker(rpc.WorkerServicer):
                     session.state["steps"] = session.state.get("steps", 0) + steps
                     session.state["compute_us"] = session.state.get("compute_us", 0) + us
                     session.state["compute_cpu_us"] = session.state.get("compute_cpu_us", 0) + cpu
+                    self.mark_step_cpu(session.state)
                 if why == BROKEN:  # a reply could not be sent: the client is gone
                     return
                 # anything else (a frame for Python, an idle or closed socket, a full buffer): below
