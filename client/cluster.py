@@ -266,6 +266,12 @@ class RemoteNode:
         self.uploaded_bytes = reply.bytes_received
         return infos
 
+    @property
+    def quota(self) -> float | None:
+        """The fraction of its threads' time its CPU quota lets it run (host.quota_share), None if
+        it may run all of it."""
+        return quota_share(self.info.cfs_quota_us, self.info.cfs_period_us, self.info.threads)
+
     def connect(self) -> None:
         """Open the step channel (HelloReply.data_port on the same host)."""
         if self.sock:
@@ -325,8 +331,7 @@ class RemoteNode:
         self.frames.spin = spin
         burst = self._burst(ping, n, 0.0)
         beyond = max(0.0, float(np.median(single)) - client) + max(0.0, burst - client)
-        capped = quota_share(self.info.cfs_quota_us, self.info.cfs_period_us, self.info.threads)
-        busy = self._burst(ping, n, 4 * self.info.cfs_period_us * 1e-6) if capped else burst
+        busy = self._burst(ping, n, 4 * self.info.cfs_period_us * 1e-6) if self.quota else burst
         self._step_cost[nbytes] = (beyond, client, busy)
         return beyond, client, busy
 

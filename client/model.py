@@ -27,7 +27,7 @@ from client.cluster import (NodeLost, RemoteNode, activations_wire, manifest_key
 from client.config import LlamaConfig
 from client.fanout import Fanout
 from client.errors import UserError
-from client.host import available_memory, cpu_quota, quota_share, room_for_huge_pages
+from client.host import available_memory, cpu_quota, room_for_huge_pages
 from client.slices import (Shard, SliceSet, layer_name, load_matrix, output_name,
                            shard_nbytes, shard_tensors)
 from client.tokenizer import Tokenizer
@@ -160,14 +160,13 @@ def plan_weights(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: st
     reply = len(encode(x, wire))  # a ping echoes its bytes: the larger of a step's two ways
     costs = [r.step_cost(max(reply, len(encode(x, activations_wire(wire, fmt, r.info)))))
              for r in remote]  # (beyond, client, busy) seconds per step
-    quotas = [quota_share(r.info.cfs_quota_us, r.info.cfs_period_us, r.info.threads) for r in remote]
     fixed = ([0.0] if local else []) + [steps * beyond for beyond, _, _ in costs]
     serial = ([0.0] if local else []) + [steps * client for _, client, _ in costs]
     # a capped worker's steps when busy: at least what a ping costs it, and what a step cost it
     # in its last session if it has had one (a ping's CPU misses a step's own: ~30 vs ~80 us)
     capped = ([None] if local else []) + [
-        (q, steps * max(busy, r.info.step_cpu_us * 1e-6 / q)) if q else None
-        for r, q, (_, _, busy) in zip(remote, quotas, costs)]
+        (r.quota, steps * max(busy, r.info.step_cpu_us * 1e-6 / r.quota)) if r.quota else None
+        for r, (_, _, busy) in zip(remote, costs)]
     for r, f, c, cap in zip(remote, fixed[local:], serial[local:], capped[local:]):
         r.fixed_ms = (f + c) * 1e3
         r.busy_ms = cap[1] * 1e3 if cap else None

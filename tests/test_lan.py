@@ -229,6 +229,13 @@ def test_cluster_end_to_end():
             time.sleep(0.1)
         assert re.search(r"a step cost \d+ us of CPU beyond its kernels", c.log("w1"))
         assert "a step cost" not in c.log("w0")
+        # ... and a client's handshake carries it (the uncapped one's: 0)
+        hello = ("import sys; from client.cluster import RemoteNode; "
+                 "print(*(RemoteNode(a, None).hello().step_cpu_us for a in sys.argv[1:]))")
+        p = c.lan.run("client", [PYTHON, "-c", hello, "127.0.0.1:7000", "127.0.0.1:7002"], cgroup=False,
+                      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        uncapped, capped = (float(v) for v in p.communicate(timeout=60)[0].split())
+        assert uncapped == 0 and capped > 0
         # the default plan weighs the capped worker's busy steps (node line or left-out line)
         auto = c.run_client([*args, "--no-local", "--workers", c.workers_arg()])
         assert auto.returncode == 0, auto.stderr

@@ -385,9 +385,8 @@ class Worker(rpc.WorkerServicer):
         """What a step cost this worker's CPU beyond its kernels, from a step-channel session
         that ended: the process's CPU over 100+ steps (from mark_step_cpu's window on), less the
         part its steps' kernels took (the serving thread's, times the kernel threads), for
-        HelloReply.step_cpu_us. The process's, as the CPU quota counts it (the step thread's
-        alone missed a third: plans from it gave the slow hosts of the mixed cluster a head
-        too many). A plan weighs it for a host under a CPU quota, whose steps' fixed CPU (system
+        HelloReply.step_cpu_us. The process's, as the CPU quota charges it (the step thread's
+        alone gave about the same figures on the emulated LAN). A plan weighs it for a host under a CPU quota, whose steps' fixed CPU (system
         calls, wake-ups, the classifier's step in Python) eats the quota whatever its share
         (client.model.time_balanced). Not while it polls between steps (uncapped: that CPU is
         spent waiting)."""

@@ -40,11 +40,13 @@ _JIT = dict(cache=True, nogil=True)
 
 
 @njit(**_JIT)
-def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
+def _step(fd, buf, p, n, ts, stats, count_cpu, D, ctx, slots, max_reply, out,
           wqkv_q, wqkv_d, wo_q, wo_d, kv_of_q, cache_k, cache_v, cos, sin, nq,
           wgu_q, wgu_d, wdown_q, wdown_d, nu):
     # the frame buf[p:p + n]: a plain step -> run, reply, 1; anything else -> 0 (Python's);
-    # a reply that could not be sent -> -1
+    # a reply that could not be sent -> -1. count_cpu: add this thread's CPU in the kernels to
+    # stats[2] (two clock_gettime calls, ~0.5 us each: only where it is used, see
+    # Worker.note_step_cpu)
     seq = np.uint64(0)
     op = layer = pos = T = np.uint64(0)
     xo, xl = -1, 0
@@ -121,7 +123,7 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
             return 0
         for t in range(T_):
             posa[t] = np.int64(pos) + t
-    t0, c0 = now_us(ts), thread_cpu_us(ts)
+    t0, c0 = now_us(ts), thread_cpu_us(ts) if count_cpu else 0
     ny = kernels.wire_nbytes(T_, D, out)
     rb = np.empty(ny + 48, np.uint8)          # the reply frame: length, seq, y, compute_us
     y0 = 4 + 1 + 10 + 1 + 5                    # room for the header fields before y
@@ -136,7 +138,7 @@ def _step(fd, buf, p, n, ts, stats, D, ctx, slots, max_reply, out,
         ok = kernels.ffn_step_wire(xb, T_, wgu_q[l], wgu_d[l], nu[l], wdown_q[l], wdown_d[l], D, yb, out)
     if not ok:
         return 0                               # x not finite: nothing computed; Python says so
-    us, cpu = now_us(ts) - t0, thread_cpu_us(ts) - c0
+    us, cpu = now_us(ts) - t0, thread_cpu_us(ts) - c0 if count_cpu else 0
     # header written backwards from y: 0x08 seq, 0x12 len(y); then 0x18 compute_us after y
     hdr = np.empty(20, np.uint8)
     h = 0
@@ -175,8 +177,9 @@ def _run(fd, buf, start, end, spin_us, max_frame, stats, D, ctx, slots, max_repl
                 return FRAME, start, end
             need = 4 + n
             if end - start >= need:
-                r = _step(fd, buf, start + 4, n, ts, stats, D, ctx, slots, max_reply, out, wqkv_q, wqkv_d, wo_q,
-                          wo_d, kv_of_q, cache_k, cache_v, cos, sin, nq, wgu_q, wgu_d, wdown_q, wdown_d, nu)
+                r = _step(fd, buf, start + 4, n, ts, stats, spin_us == 0, D, ctx, slots, max_reply, out, wqkv_q,
+                          wqkv_d, wo_q, wo_d, kv_of_q, cache_k, cache_v, cos, sin, nq, wgu_q, wgu_d, wdown_q,
+                          wdown_d, nu)
                 if r == 0:
                     return FRAME, start, end
                 if r < 0:
@@ -219,7 +222,7 @@ class Loop:
         self.D, self.ctx, self.slots = slices.classifier.shape[1], a0.cache_v.shape[2], a0.cache_v.shape[0]
         self.out = kernels.WIRE_OUT[wire]
         self.max_message, self.max_reply = max_message, max_message - 64
-        self.stats = np.zeros(3, np.int64)    # steps, compute us, this thread's CPU us in them
+        self.stats = np.zeros(3, np.int64)    # steps, compute us, this thread's CPU us in them (not spinning)
         A, F = slices.attn, slices.ffn  # per layer, as typed lists (the caches: the session's own)
         self.args = (List([a.wqkv.q for a in A]), List([a.wqkv.d for a in A]), List([a.wo.q for a in A]),
                      List([a.wo.d for a in A]), List([a.kv_of_q for a in A]), List([a.cache_k for a in A]),
