@@ -31,6 +31,7 @@ import numpy as np
 from client.errors import UserError
 from client.host import quota_share
 from client.progress import Progress
+from client.slices import Shard
 from proto import tensorlan_pb2 as pb
 from proto import tensorlan_pb2_grpc as rpc
 from proto.security import ClientTLS, bearer
@@ -92,14 +93,37 @@ def cache_root() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tensorlan"))
 
 
-def manifest_key(ckpt, config_json: str, fmt: str, shard) -> Path:
-    """Where the manifest of a shard's upload is kept: named by a hash of the checkpoint's files
-    (path, size, modification time), the config, the format, the shard and the protocol."""
-    h = hashlib.sha256(f"{PROTOCOL_VERSION} {fmt} {shard} {config_json}".encode())
+def _model_key(folder: str, ckpt, config_json: str, fmt: str, what: str) -> Path:
+    # cache_root()/folder/<hash of the checkpoint's files (path, size, modification time), the
+    # config, the format, `what` and the protocol>.json
+    h = hashlib.sha256(f"{PROTOCOL_VERSION} {fmt} {what} {config_json}".encode())
     for f in ckpt.files:
         st = f.path.stat()
         h.update(f"{f.path.resolve()} {st.st_size} {st.st_mtime_ns}".encode())
-    return cache_root() / "manifests" / f"{h.hexdigest()[:32]}.json"
+    return cache_root() / folder / f"{h.hexdigest()[:32]}.json"
+
+
+def manifest_key(ckpt, config_json: str, fmt: str, shard) -> Path:
+    """Where the manifest of a shard's upload is kept (by model, format and shard)."""
+    return _model_key("manifests", ckpt, config_json, fmt, str(shard))
+
+
+def plan_key(ckpt, config_json: str, fmt: str, local: bool, addrs: list[str]) -> Path:
+    """Where the plan last placed on these workers (in this order, with or without this
+    process) for this model and format is kept."""
+    return _model_key("plans", ckpt, config_json, fmt, f"local={local} {' '.join(addrs)}")
+
+
+def read_plan(path: Path) -> list | None:
+    """The shards of a plan kept by write_plan, if any."""
+    try:
+        return [Shard(*(tuple(map(int, r)) for r in sh)) for sh in json.loads(path.read_text())]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_plan(path: Path, shards: list) -> None:
+    _write_json(path, [[list(sh.heads), list(sh.units), list(sh.rows)] for sh in shards])
 
 
 def read_manifest(path: Path) -> list | None:
@@ -112,14 +136,18 @@ def read_manifest(path: Path) -> list | None:
 
 
 def write_manifest(path: Path, infos: list) -> None:
+    _write_json(path, [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes,
+                        "sha256": t.sha256.hex()} for t in infos])
+
+
+def _write_json(path: Path, obj) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps([{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
-                                    "nbytes": t.nbytes, "sha256": t.sha256.hex()} for t in infos]))
+        tmp.write_text(json.dumps(obj))
         os.replace(tmp, path)
     except OSError:
-        pass  # no manifest: the next load uploads again
+        pass  # not kept: the next load uploads (or plans) again
 
 
 def activations_wire(wire: str, fmt: str, info: pb.HelloReply) -> str:

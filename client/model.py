@@ -22,8 +22,8 @@ import numpy as np
 
 from client import kernels
 from client.checkpoint import Checkpoint
-from client.cluster import (NodeLost, RemoteNode, activations_wire, manifest_key, read_manifest,
-                            write_manifest)
+from client.cluster import (NodeLost, RemoteNode, activations_wire, manifest_key, plan_key,
+                            read_manifest, read_plan, write_manifest, write_plan)
 from client.config import LlamaConfig
 from client.fanout import Fanout
 from client.errors import UserError
@@ -87,6 +87,23 @@ def node_weights(remote: list, local: bool) -> list[float]:
     return ([local_speed()] if local else []) + [r.info.speed_gb_s for r in remote]
 
 
+def _time_lines(whole_seconds, fixed, capped) -> list[list[tuple[float, float]]]:
+    # per node, the lines t = a + s * b of its time per token at share s (time_balanced); the
+    # largest is in force
+    return [[(f, w)] if not cap else [(f, cap[0] * w), (cap[1], w)]
+            for f, w, cap in zip(fixed, whole_seconds, capped or [None] * len(whole_seconds))]
+
+
+def token_time(shares: list[float], whole_seconds: list[float], fixed: list[float],
+               serial: list[float] | None = None, capped: list | None = None) -> float:
+    """Seconds per token that a split `shares` would take under time_balanced's model: its
+    slowest node's time, plus the serial costs of the nodes with a share."""
+    lines = _time_lines(whole_seconds, fixed, capped)
+    on = [i for i, s in enumerate(shares) if s > 0]
+    return (max(max(a + shares[i] * b for a, b in lines[i]) for i in on)
+            + sum(serial[i] for i in on if serial is not None))
+
+
 def time_balanced(whole_seconds: list[float], fixed: list[float],
                   serial: list[float] | None = None, capped: list | None = None) -> list[float]:
     """Shares s_i (summing to 1) that give every node the same time per token t:
@@ -111,8 +128,7 @@ def time_balanced(whole_seconds: list[float], fixed: list[float],
     matmuls, every worker)."""
     n = len(whole_seconds)
     c = np.zeros(n) if serial is None else np.asarray(serial, np.float64)
-    lines = [[(f, w)] if not cap else [(f, cap[0] * w), (cap[1], w)]       # t = a + s * b each
-             for f, w, cap in zip(fixed, whole_seconds, capped or [None] * n)]
+    lines = _time_lines(whole_seconds, fixed, capped)
 
     def share(i, t):  # node i's share at time per token t: the least any of its lines allows
         return max(0.0, min((t - a) / b for a, b in lines[i]))
@@ -145,15 +161,13 @@ def time_balanced(whole_seconds: list[float], fixed: list[float],
     return shares.tolist()
 
 
-def plan_weights(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: str) -> list[float]:
-    """Each node's share: explicit *W weights as given; else balanced on time per token from
-    each node's measured speed and what its 2L + 1 steps per token cost beyond compute (see
+def plan_costs(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: str) -> tuple:
+    """What time_balanced weighs, per node: (whole_seconds, fixed, serial, capped), from each
+    node's measured speed and what its 2L + 1 steps per token cost beyond compute (see
     RemoteNode.step_cost): what a worker adds while this process computes its own share, for a
-    worker under a CPU quota also what its steps cost it when kept busy (time_balanced), and
-    this process's own CPU to send it each step and read the reply, which no split hides."""
+    worker under a CPU quota also what its steps cost it when kept busy, and this process's own
+    CPU to send it each step and read the reply, which no split hides."""
     speeds = node_weights(remote, local)
-    if any(r.weight is not None for r in remote):
-        return speeds
     steps = 2 * cfg.n_layers + 1
     gb = shard_nbytes(cfg, Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size)), fmt) / 1e9
     x = np.zeros((1, cfg.dim), np.float32)
@@ -170,7 +184,30 @@ def plan_weights(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: st
     for r, f, c, cap in zip(remote, fixed[local:], serial[local:], capped[local:]):
         r.fixed_ms = (f + c) * 1e3
         r.busy_ms = cap[1] * 1e3 if cap else None
-    return time_balanced([gb / v for v in speeds], fixed, serial, capped)
+    return [gb / v for v in speeds], fixed, serial, capped
+
+
+def shard_shares(cfg: LlamaConfig, shards: list[Shard], fmt: str) -> list[float]:
+    """Each shard's part of the model's matmul bytes: a plan's shares."""
+    whole = shard_nbytes(cfg, Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size)), fmt)
+    return [shard_nbytes(cfg, sh, fmt) / whole for sh in shards]
+
+
+def covers_model(cfg: LlamaConfig, shards: list[Shard], n: int) -> bool:
+    """Whether `shards` are n nodes' plan of the model (plan_shards): heads, units and rows each
+    cut into consecutive ranges from 0 to the whole, units in whole pairs of Q8_0 blocks."""
+    if len(shards) != n:
+        return False
+    for part, whole in (("heads", cfg.n_heads), ("units", cfg.ffn_dim), ("rows", cfg.vocab_size)):
+        at = 0
+        for sh in shards:
+            a, b = getattr(sh, part)
+            if a != at or b < a:
+                return False
+            at = b
+        if at != whole:
+            return False
+    return all(u % (2 * QK) == 0 or u == cfg.ffn_dim for sh in shards for u in sh.units)
 
 
 def water_fill(weights: list[float], caps: list[float]) -> list[float] | None:
@@ -192,34 +229,49 @@ def water_fill(weights: list[float], caps: list[float]) -> list[float] | None:
         fixed |= over
 
 
+MARGIN = 64 << 20  # the runtime's own allocations while loading
+KEEP_PLAN = 0.10   # a held plan is kept while predicted within 10% of a new one (keep_held_plan)
+
+
+def memory_room(cfg: LlamaConfig, remote: list, local: bool, fmt: str) -> tuple[list, list[int]]:
+    """Per node: (bytes it has free, where the figure comes from), and the bytes it holds beyond
+    its shard (this process: the embedding)."""
+    room = ([available_memory()] if local else []) + [
+        (r.info.memory_bytes, f"available on worker {r.addr}") for r in remote]
+    return room, ([q8_nbytes(cfg.vocab_size, cfg.dim, fmt)] if local else []) + [0] * len(remote)
+
+
+def memory_need(cfg: LlamaConfig, shards: list[Shard], extra: list[int], fmt: str, kv_dtype: str,
+                ctx: int, slots: int) -> list[int]:
+    """Bytes each node needs to hold its shard (KV caches included), with 2% and MARGIN to spare."""
+    return [int(shard_nbytes(cfg, sh, fmt, ctx, kv_dtype, slots) * 1.02) + MARGIN + e
+            for sh, e in zip(shards, extra)]
+
+
 def plan_in_memory(model_dir, cfg: LlamaConfig, weights: list[float], remote: list, local: bool,
                    fmt: str, kv_dtype: str, ctx: int, slots: int = 1) -> list[Shard]:
     """plan_shards, with no node given more than fits its memory (what does not fit goes to the
     others, by weight); if the model cannot fit at all, a UserError before anything is loaded."""
     whole = Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size))
     total = shard_nbytes(cfg, whole, fmt, ctx, kv_dtype, slots)
-    margin = 64 << 20          # the runtime's own allocations while loading
-    room = ([available_memory()] if local else []) + [
-        (r.info.memory_bytes, f"available on worker {r.addr}") for r in remote]
+    room, extra = memory_room(cfg, remote, local, fmt)
     names = (["this host"] if local else []) + [f"worker {r.addr}" for r in remote]
-    extra = ([q8_nbytes(cfg.vocab_size, cfg.dim, fmt)] if local else []) + [0] * len(remote)
     if not remote:  # everything in this process (several in-process slice sets: tests)
         weights = [1.0]
-    caps = [max(0.0, (r - margin - e) / (total * 1.02)) for (r, _), e in zip(room, extra)]
+    caps = [max(0.0, (r - MARGIN - e) / (total * 1.02)) for (r, _), e in zip(room, extra)]
     for _ in range(8):
         frac = water_fill(weights, caps)
         if frac is None:
             break
         shards = plan_shards(cfg, frac)
-        need = [int(shard_nbytes(cfg, sh, fmt, ctx, kv_dtype, slots) * 1.02) + margin + e
-                for sh, e in zip(shards, extra)]
+        need = memory_need(cfg, shards, extra, fmt, kv_dtype, ctx, slots)
         over = [i for i, (n, (r, _)) in enumerate(zip(need, room)) if n > r]
         if not over:
             return shards
         for i in over:  # whole heads and blocks of 32 units: rounding overshot; aim lower
             caps[i] = max(0.0, caps[i] - (need[i] - room[i][0]) / total - 1e-3)
     i = int(np.argmin(caps))
-    want = weights[i] / sum(weights) * total * 1.02 + margin + extra[i]
+    want = weights[i] / sum(weights) * total * 1.02 + MARGIN + extra[i]
     raise UserError(f"{model_dir}: the model needs {total / 1e9:.2f} GB ({fmt}, KV cache for {ctx} "
                     f"positions) and does not fit: {names[i]}'s share needs {want / 1e9:.2f} GB but "
                     f"it has {room[i][0] / 1e9:.2f} GB ({room[i][1]}). Add workers (--workers), "
@@ -247,6 +299,7 @@ class Model:
     history: dict = field(default_factory=dict)  # slot -> the token ids its KV caches hold
     src: dict = field(default_factory=dict)      # what placing slices needs (see place)
     fanout: Fanout | None = None                 # the remote nodes' layer steps, compiled
+    plan_note: str = ""                          # how the measured plan was chosen (profile)
 
     @staticmethod
     def load(model_dir, fmt="q8_0", kv_dtype="bf16", ctx=None, weights=None, progress=None,
@@ -254,7 +307,7 @@ class Model:
              tls=None):
         """Load a model; with `workers` [(host:port, weight or None)], spread it over them (and
         this process unless local=False): in proportion to explicit weights, else with equal
-        time per token on every node (plan_weights; workers not worth their round trips are left
+        time per token on every node (plan_costs, time_balanced; workers not worth their round trips are left
         out, in `idle`). Every node's share is checked against its memory before anything is
         loaded; workers get theirs streamed (and, with `cache`, only what they do not hold).
         `slots` sequences can decode together (forward_batch), each with its own KV caches.
@@ -302,25 +355,35 @@ class Model:
                 raise UserError("every worker is lost and --no-local keeps this process out: "
                                 "restart the workers, or drop --no-local")
             try:  # (a worker lost while measuring its step cost or taking its shard: left out)
+                costs = None  # what a measured plan weighed (plan_costs)
                 if weights is not None and (not remote or len(weights) == local + len(remote)):
                     w = list(weights)  # given (tests: several in-process slice sets)
-                elif remote:
-                    w = plan_weights(cfg, fmt, remote, local, src["wire"])
+                elif remote:  # explicit *W weights, else balanced on what was measured
+                    costs = (plan_costs(cfg, fmt, remote, local, src["wire"])
+                             if all(r.weight is None for r in remote) else None)
+                    w = time_balanced(*costs) if costs else node_weights(remote, local)
                     self.idle = [r for r, x in zip(remote, w[local:]) if x == 0]
                     for r in self.idle:  # slower to reach than their share of the work would save
                         r.close()
                     remote = [r for r in remote if r not in self.idle]
-                    w = [x for x in w if x > 0]
+                    kept = [i for i, x in enumerate(w) if x > 0]
+                    w, costs = [w[i] for i in kept], costs and [[c[i] for i in kept] for c in costs]
                 else:
                     w = [1.0]
                 shards = plan_in_memory(src["model_dir"], cfg, w, remote, local, fmt, self.kv_dtype,
                                         self.ctx, self.slots)
                 if not remote:  # several in-process slice sets: tests of the slicing
                     shards = plan_shards(cfg, w)
+                key = (plan_key(src["ckpt"], src["config_json"], fmt, local, [r.addr for r in remote])
+                       if remote and src["cache"] else None)
+                if key and costs:
+                    shards = self.keep_held_plan(shards, read_plan(key), costs, remote)
                 self.nodes = []  # drop the old slices before building the new
                 self.fanout = None
                 self.nodes = [self._node(i, sh, remote) for i, sh in enumerate(shards)]
                 self.fanout = Fanout.of(self.remote)
+                if key:
+                    write_plan(key, shards)
                 return
             except NodeLost as e:
                 self.fail_on(e)
@@ -328,6 +391,30 @@ class Model:
                 self.lost.append(e.node.addr)
                 remote = [r for r in remote if r is not e.node]
                 warn(f"{e}: re-planning over the {local + len(remote)} nodes left")
+
+    def keep_held_plan(self, shards: list[Shard], held: list[Shard] | None, costs, remote: list) -> list[Shard]:
+        """The plan these workers hold from this model's last placement instead of the new one
+        `shards`, while the held one's predicted time per token (token_time over the measured
+        `costs`) is within KEEP_PLAN of the new one's and it still fits every node's memory: a
+        new plan moves most of each worker's slices (on four 0.25-core hosts of the emulated
+        LAN, 270-290 MB each and ~40 s a load), and on alike hosts it differs from the held one
+        only by the noise of their measured speeds (4.7-5.7 GB/s between runs there)."""
+        cfg, fmt = self.cfg, self.fmt
+        t_new = token_time(shard_shares(cfg, shards, fmt), *costs)
+        self.plan_note = f"plan: {t_new * 1e3:.0f} ms/token predicted"
+        if not held or held == shards or not covers_model(cfg, held, len(shards)):
+            return shards
+        room, extra = memory_room(cfg, remote, self.src["local"], fmt)
+        if any(n > r for n, (r, _) in zip(memory_need(cfg, held, extra, fmt, self.kv_dtype, self.ctx,
+                                                       self.slots), room)):
+            return shards
+        t_held = token_time(shard_shares(cfg, held, fmt), *costs)
+        if t_held > t_new * (1 + KEEP_PLAN):
+            self.plan_note += f" (the workers' last plan: {t_held * 1e3:.0f}; worth a re-upload)"
+            return shards
+        self.plan_note = (f"plan: the workers' last one kept, {t_held * 1e3:.0f} ms/token predicted "
+                          f"(a new one: {t_new * 1e3:.0f}, not worth a re-upload)")
+        return held
 
     def _node(self, i: int, sh: Shard, remote: list):
         """Node i of the plan, holding shard sh: this process's SliceSet or a remote worker."""

@@ -28,6 +28,8 @@ def print_nodes(model) -> None:
             sh, who = n.shard, "this process"
         _echo(f"node {i}: {who}: heads {sh.heads[0]}-{sh.heads[1]}, ffn units {sh.units[0]}-"
               f"{sh.units[1]}, classifier rows {sh.rows[0]}-{sh.rows[1]}")
+    if model.plan_note:
+        _echo(model.plan_note)
     for n in model.idle:
         _echo(f"worker {n.addr} ({n.info.speed_gb_s:.1f} GB/s) left out: its steps would cost "
               f"{_costs(n)} beyond compute, more than its share of the compute would save (a *W "

@@ -88,6 +88,34 @@ def test_plan_leaves_out_workers_not_worth_their_round_trips(workers):
     assert _greedy(auto, ids, 20) == _greedy(remote_only, ids, 20) == _greedy(one, ids, 20)
 
 
+def test_a_reload_keeps_the_plan_the_workers_hold(workers, tiny2, monkeypatch):
+    """A measured plan is kept for the next load of the same model on the same workers, whose
+    slices are there, unless a new one is predicted more than KEEP_PLAN faster (that choice:
+    test_model's test_a_held_plan_is_kept_...; here, with any held plan good enough, that the
+    plan is kept where the next load finds it, used, and finds its slices on the workers)."""
+    import client.model as cm
+    from client.cluster import plan_key, read_plan, write_plan
+    from client.slices import Shard
+    monkeypatch.setattr(cm, "KEEP_PLAN", 100.0)  # loopback workers beside other tests measure noisily
+    ws = [(a, None) for a in workers.addrs[:2]]
+    first = Model.load(tiny2, ctx=64, workers=ws, local=False, wire="f64")
+    shards = [r.shard for r in first.remote]
+    assert len(shards) == 2 and "predicted" in first.plan_note
+    key = plan_key(first.src["ckpt"], first.src["config_json"], "q8_0", False, [r.addr for r in first.remote])
+    assert read_plan(key) == shards
+    # the plan a run before might have left there: 256 classifier rows the other way
+    cut = shards[0].rows[1] + 256
+    moved = [Shard(shards[0].heads, shards[0].units, (0, cut)), Shard(shards[1].heads, shards[1].units,
+                                                                      (cut, shards[1].rows[1]))]
+    write_plan(key, moved)
+    again = Model.load(tiny2, ctx=64, workers=ws, local=False, wire="f64")
+    assert [r.shard for r in again.remote] == moved and "kept" in again.plan_note
+    third = Model.load(tiny2, ctx=64, workers=ws, local=False, wire="f64")
+    assert [r.shard for r in third.remote] == moved and all(r.uploaded_bytes == 0 for r in third.remote)
+    ids = list(range(1, 12))
+    assert _greedy(third, ids, 8) == _greedy(Model.load(tiny2, ctx=64), ids, 8)
+
+
 @pytest.mark.parametrize("weights", [[1.0], [3.0, 1.0, 2.0], [1.0, 1.0, 1.0, 5.0]])
 def test_tinyllama_shape_cluster_equals_in_process(workers, tiny2, weights):
     """f64 partial sums: equal by construction. (A random model's logits have near ties: with

@@ -424,3 +424,47 @@ def test_long_passes_go_in_pieces(monkeypatch):
     m.forward_batch(prompts)
     again = m.forward_batch([(0, [5], len(ids)), (1, [5], 9)])
     assert all(np.abs(a - b).max() < 1e-3 * np.abs(a).max() for a, b in zip(nxt, again))
+
+
+def test_token_time_is_the_slowest_nodes_line_plus_the_serial_costs():
+    """token_time prices any split with time_balanced's model: the balanced shares give its t,
+    a lopsided split the slower node's line, and a node with a share adds its serial cost."""
+    from client.model import time_balanced, token_time
+    whole, fixed, serial = [1.0, 2.0], [0.0, 0.1], [0.0, 0.05]
+    s = time_balanced(whole, fixed, serial)
+    assert np.isclose(token_time(s, whole, fixed, serial), s[0] * 1.0 + 0.05)
+    assert np.isclose(token_time([0.9, 0.1], whole, fixed, serial), 0.9 + 0.05)      # node 0 slowest
+    assert np.isclose(token_time([0.2, 0.8], whole, fixed, serial), 0.1 + 1.6 + 0.05)
+    assert np.isclose(token_time([1.0, 0.0], whole, fixed, serial), 1.0)             # node 1 left out
+    # a capped node: the larger of its two lines
+    capped = [None, (0.25, 0.3)]
+    assert np.isclose(token_time([0.5, 0.5], whole, fixed, capped=capped), max(0.5, 0.1 + 0.25, 0.3 + 1.0))
+
+
+def test_a_held_plan_is_kept_while_predicted_within_keep_plan_of_a_new_one():
+    """Re-planning moves most of every worker's slices: the plan the workers hold stays unless a
+    new one is predicted more than KEEP_PLAN faster, and only if it still covers the model and
+    fits each node's memory."""
+    from types import SimpleNamespace
+    import client.model as cm
+    from client.slices import Shard
+    cfg = LlamaConfig.load(STORIES)
+    big = 10 << 30
+    worker = lambda mem: SimpleNamespace(addr="w:1", info=SimpleNamespace(memory_bytes=mem))  # noqa: E731
+    me = SimpleNamespace(cfg=cfg, fmt="q8_0", kv_dtype="bf16", ctx=64, slots=1, src={"local": False},
+                         plan_note="")
+    keep = lambda held, mem=big: cm.Model.keep_held_plan(me, new, held, costs, [worker(mem)] * 2)  # noqa: E731
+    costs = ([1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [None, None])  # two alike nodes
+    new = plan_shards(cfg, [1, 1])
+    near, far = plan_shards(cfg, [1.08, 0.92]), plan_shards(cfg, [1.5, 0.5])
+    t = lambda shards: cm.token_time(cm.shard_shares(cfg, shards, "q8_0"), *costs)  # noqa: E731
+    assert near != new and t(near) <= t(new) * (1 + cm.KEEP_PLAN) < t(far)
+    assert keep(near) == near and "kept" in me.plan_note
+    assert keep(far) == new and "worth a re-upload" in me.plan_note
+    assert keep(None) == new and keep(new) == new
+    # a held plan that does not cover the model (another model's, a file edited by hand), or one
+    # node's share no longer fits its memory: the new plan
+    gap = [Shard(near[0].heads, near[0].units, (0, 10)), Shard(near[1].heads, near[1].units, (11, cfg.vocab_size))]
+    assert keep(gap) == new and keep(near[:1]) == new
+    assert keep(near, mem=(64 << 20) + 1000) == new
+    assert cm.covers_model(cfg, near, 2) and not cm.covers_model(cfg, gap, 2)
