@@ -19,6 +19,7 @@ bench/out/scaling.png (speedup against N per cap, ideal dashed; needs the `bench
 The configurations compared with one another run together, in rounds (run_group): one cap's
 clusters are all up at once and each round runs every one of them once, so that the machine's
 drift falls on the baseline and the others alike; speedups are medians of the rounds' ratios.
+Each configuration runs once before the rounds, uncounted (its upload; its workers' step cost).
 """
 from __future__ import annotations
 
@@ -115,6 +116,11 @@ def run_group(names: list[str], model: Path, tokens: int, reps: int, rate: str, 
                 clusters[hosts(name)] = stack.enter_context(
                     Cluster(cpus=list(hosts(name)), rate=rate, delay_ms=delay_ms))
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        for name in names:  # warm-up, not counted: the upload, and a session that tells each
+            # worker what a step costs it (HelloReply.step_cpu_us), so that round 1's measured
+            # plan is the one a user's second run gets and later rounds keep (KEEP_PLAN)
+            click.echo(f"{name}: warm-up run", err=True)
+            run_client(clusters[hosts(name)], name, model, 8, wire, tmp / f"{name}-warm.csv")
         runs: dict[str, list[dict]] = {n: [] for n in names}
         for rep in range(reps):
             for name in names if rep % 2 == 0 else names[::-1]:
