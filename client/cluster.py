@@ -239,11 +239,12 @@ class RemoteNode:
         except OSError:
             return False
 
-    def upload(self, shard, loaders, config_json: str, total: int, manifest=None) -> list:
+    def upload(self, shard, loaders, config_json: str, total: int, manifest=None, bar=None) -> list:
         """Send this worker its shard: `loaders` [(name, load)] in order (see slices.shard_tensors),
         quantized one at a time as the stream goes. With a `manifest` (the TensorInfos of an
         earlier upload of the same model and plan) the tensors the worker still holds go as
-        hashes only, and are not even quantized here. Returns the manifest of this upload."""
+        hashes only, and are not even quantized here. `bar`: a Progress shared with other
+        uploads (else one of its own). Returns the manifest of this upload."""
         have = [False] * len(loaders)
         if manifest and len(manifest) == len(loaders):
             try:
@@ -255,12 +256,12 @@ class RemoteNode:
                                  head_end=shard.heads[1], unit_begin=shard.units[0],
                                  unit_end=shard.units[1], row_begin=shard.rows[0], row_end=shard.rows[1],
                                  total_bytes=total)
-        bar = Progress(total, f"upload {self.addr}", " MB", 1e6)
+        own = bar is None
+        bar = Progress(total, f"upload {self.addr}", " MB", 1e6) if own else bar
         infos = []
 
         def chunks():
             yield pb.UploadChunk(header=header)
-            done = 0
             for i, (name, load) in enumerate(loaders):
                 if have[i]:
                     info = pb.TensorInfo()
@@ -268,8 +269,7 @@ class RemoteNode:
                     info.cached = True
                     infos.append(manifest[i])
                     yield pb.UploadChunk(tensor=info)
-                    done += info.nbytes
-                    bar.update(done)
+                    bar.add(info.nbytes)
                     continue
                 info, parts = pack_tensor(name, load())
                 infos.append(info)
@@ -277,19 +277,20 @@ class RemoteNode:
                 for p in parts:
                     for k in range(0, len(p), CHUNK):
                         yield pb.UploadChunk(data=bytes(p[k:k + CHUNK]))
-                        done += min(CHUNK, len(p) - k)
-                        bar.update(done)
+                        bar.add(min(CHUNK, len(p) - k))
 
         try:
             reply = self.stub.Upload(chunks(), timeout=30 + total / UPLOAD_RATE, metadata=self.metadata)
         except grpc.RpcError as e:
-            bar.close()
+            if own:
+                bar.close()
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and any(have):  # evicted meanwhile
-                return self.upload(shard, loaders, config_json, total)
+                return self.upload(shard, loaders, config_json, total, bar=None if own else bar)
             if e.code() in LOST:
                 raise NodeLost(self, f"upload: {e.code().name}")
             raise UserError(f"worker {self.addr} refused the upload: {e.details()}")
-        bar.close()
+        if own:
+            bar.close()
         self.slice_set_id, self.shard = reply.slice_set_id, shard
         self.uploaded_bytes = reply.bytes_received
         return infos

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 
@@ -12,6 +13,12 @@ class Progress:
         self.enabled = self.stream.isatty()
         self.t0 = self.last = time.perf_counter()
         self.done = 0.0
+        self.lock = threading.Lock()
+
+    def add(self, n: float) -> None:
+        """n more done (from any thread: several uploads may share one bar)."""
+        with self.lock:
+            self.update(self.done + n)
 
     def update(self, done: float) -> None:
         self.done = done

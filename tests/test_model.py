@@ -456,7 +456,7 @@ def test_a_held_plan_is_kept_while_predicted_within_keep_plan_of_a_new_one():
     keep = lambda held, mem=big: cm.Model.keep_held_plan(me, new, held, costs, [worker(mem)] * 2)  # noqa: E731
     costs = ([1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [None, None])  # two alike nodes
     new = plan_shards(cfg, [1, 1])
-    near, far = plan_shards(cfg, [1.08, 0.92]), plan_shards(cfg, [1.5, 0.5])
+    near, far = plan_shards(cfg, [1.08, 0.92]), plan_shards(cfg, [1.0, 0.1])
     t = lambda shards: cm.token_time(cm.shard_shares(cfg, shards, "q8_0"), *costs)  # noqa: E731
     assert near != new and t(near) <= t(new) * (1 + cm.KEEP_PLAN) < t(far)
     assert keep(near) == near and "kept" in me.plan_note
