@@ -394,7 +394,8 @@ class Model:
                 remote = [r for r in remote if r is not e.node]
                 warn(f"{e}: re-planning over the {local + len(remote)} nodes left")
 
-    def keep_held_plan(self, shards: list[Shard], held: list[Shard] | None, costs, remote: list) -> list[Shard]:
+    def keep_held_plan(self, shards: list[Shard], held: list[Shard] | None, costs,
+                       remote: list) -> list[Shard]:
         """The plan these workers hold from this model's last placement instead of the new one
         `shards`, while the held one's predicted time per token (token_time over the measured
         `costs`) is within KEEP_PLAN of the new one's and it still fits every node's memory: a
