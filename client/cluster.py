@@ -114,16 +114,20 @@ def plan_key(ckpt, config_json: str, fmt: str, local: bool, addrs: list[str]) ->
     return _model_key("plans", ckpt, config_json, fmt, f"local={local} {' '.join(addrs)}")
 
 
-def read_plan(path: Path) -> list | None:
-    """The shards of a plan kept by write_plan, if any."""
+def read_plan(path: Path) -> tuple[list | None, bool]:
+    """(the shards of a plan kept by write_plan, whether its CPU-capped workers had reported what
+    a step costs them), or (None, False)."""
     try:
-        return [Shard(*(tuple(map(int, r)) for r in sh)) for sh in json.loads(path.read_text())]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        kept = json.loads(path.read_text())
+        return ([Shard(*(tuple(map(int, r)) for r in sh)) for sh in kept["shards"]],
+                kept["steps_known"] is True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, False
 
 
-def write_plan(path: Path, shards: list) -> None:
-    _write_json(path, [[list(sh.heads), list(sh.units), list(sh.rows)] for sh in shards])
+def write_plan(path: Path, shards: list, steps_known: bool) -> None:
+    _write_json(path, {"shards": [[list(sh.heads), list(sh.units), list(sh.rows)] for sh in shards],
+                       "steps_known": steps_known})
 
 
 def read_manifest(path: Path) -> list | None:

@@ -378,14 +378,15 @@ class Model:
                     shards = plan_shards(cfg, w)
                 key = (plan_key(src["ckpt"], src["config_json"], fmt, local, [r.addr for r in remote])
                        if remote and src["cache"] else None)
+                steps_known = all(r.info.step_cpu_us > 0 for r in remote if r.quota)
                 if key and costs:
-                    shards = self.keep_held_plan(shards, read_plan(key), costs, remote)
+                    shards, steps_known = self.keep_held_plan(key, shards, costs, remote, steps_known)
                 self.nodes = []  # drop the old slices before building the new
                 self.fanout = None
                 self.nodes = self._nodes(shards, remote)
                 self.fanout = Fanout.of(self.remote)
                 if key:
-                    write_plan(key, shards)
+                    write_plan(key, shards, steps_known)
                 return
             except NodeLost as e:
                 self.fail_on(e)
@@ -394,17 +395,31 @@ class Model:
                 remote = [r for r in remote if r is not e.node]
                 warn(f"{e}: re-planning over the {local + len(remote)} nodes left")
 
-    def keep_held_plan(self, shards: list[Shard], held: list[Shard] | None, costs,
-                       remote: list) -> list[Shard]:
-        """The plan these workers hold from this model's last placement instead of the new one
-        `shards`, while the held one's predicted time per token (token_time over the measured
-        `costs`) is within KEEP_PLAN of the new one's and it still fits every node's memory: a
-        new plan moves most of each worker's slices (on four 0.25-core hosts of the emulated
-        LAN, 240-320 MB each), and on alike hosts it differs from the held one only by the noise
-        of their measured speeds: 4.2-5.9 GB/s between runs there, 7.8-11.5 on two 0.5-core
-        hosts, where a 10% margin still re-planned (and re-uploaded) every other run. A fresh
-        plan is no better than the noise it was made from, so keeping one loses nothing on
-        average; a host that really changed moves the prediction by more than that."""
+    def keep_held_plan(self, key: Path, shards: list[Shard], costs, remote: list,
+                       steps_known: bool) -> tuple[list[Shard], bool]:
+        """The plan these workers hold from this model's last placement (kept at `key`) instead
+        of the new one `shards`, while the held one's predicted time per token (token_time over
+        the measured `costs`) is within KEEP_PLAN of the new one's and it still fits every node's
+        memory: a new plan moves most of each worker's slices (on four 0.25-core hosts of the
+        emulated LAN, 240-320 MB each), and on alike hosts it differs from the held one only by
+        the noise of their measured speeds: 4.2-5.9 GB/s between runs there, 7.8-11.5 on two
+        0.5-core hosts, where a 10% margin still re-planned (and re-uploaded) every other run. A
+        fresh plan is no better than the noise it was made from, so keeping one loses nothing on
+        average; a host that really changed moves the prediction by more than that.
+
+        steps_known: every CPU-capped worker has reported what a step costs it (after a session;
+        before, the plan has pings alone, which give it more than it carries). A held plan made
+        without that is not kept once it is known. -> (the plan, whether it was made knowing)"""
+        held, held_known = read_plan(key)
+        pings_only = held is not None and steps_known and not held_known
+        plan = self._held_or_new(shards, None if pings_only else held, costs, remote)
+        if pings_only:
+            self.plan_note += " (the workers' last plan, made from pings alone, not kept)"
+        return plan, held_known if plan is held else steps_known
+
+    def _held_or_new(self, shards: list[Shard], held: list[Shard] | None, costs,
+                     remote: list) -> list[Shard]:
+        # keep_held_plan's choice between two plans; self.plan_note says which and why
         cfg, fmt = self.cfg, self.fmt
         t_new = token_time(shard_shares(cfg, shards, fmt), *costs)
         self.plan_note = f"plan: {t_new * 1e3:.0f} ms/token predicted"

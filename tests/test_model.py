@@ -441,19 +441,29 @@ def test_token_time_is_the_slowest_nodes_line_plus_the_serial_costs():
     assert np.isclose(token_time([0.5, 0.5], whole, fixed, capped=capped), max(0.5, 0.1 + 0.25, 0.3 + 1.0))
 
 
-def test_a_held_plan_is_kept_while_predicted_within_keep_plan_of_a_new_one():
+def test_a_held_plan_is_kept_while_predicted_within_keep_plan_of_a_new_one(tmp_path):
     """Re-planning moves most of every worker's slices: the plan the workers hold stays unless a
     new one is predicted more than KEEP_PLAN faster, and only if it still covers the model and
     fits each node's memory."""
     from types import SimpleNamespace
     import client.model as cm
+    from client.cluster import read_plan, write_plan
     from client.slices import Shard
     cfg = LlamaConfig.load(STORIES)
     big = 10 << 30
     worker = lambda mem: SimpleNamespace(addr="w:1", info=SimpleNamespace(memory_bytes=mem))  # noqa: E731
     me = SimpleNamespace(cfg=cfg, fmt="q8_0", kv_dtype="bf16", ctx=64, slots=1, src={"local": False},
                          plan_note="")
-    keep = lambda held, mem=big: cm.Model.keep_held_plan(me, new, held, costs, [worker(mem)] * 2)  # noqa: E731
+    me._held_or_new = lambda *a: cm.Model._held_or_new(me, *a)
+    key = tmp_path / "plan.json"
+
+    def keep(held, mem=big, known=True, held_known=True):
+        if held is None:
+            key.unlink(missing_ok=True)
+        else:
+            write_plan(key, held, held_known)
+        return cm.Model.keep_held_plan(me, key, new, costs, [worker(mem)] * 2, known)[0]
+
     costs = ([1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [None, None])  # two alike nodes
     new = plan_shards(cfg, [1, 1])
     near, far = plan_shards(cfg, [1.08, 0.92]), plan_shards(cfg, [1.0, 0.1])
@@ -467,4 +477,13 @@ def test_a_held_plan_is_kept_while_predicted_within_keep_plan_of_a_new_one():
     gap = [Shard(near[0].heads, near[0].units, (0, 10)), Shard(near[1].heads, near[1].units, (11, cfg.vocab_size))]
     assert keep(gap) == new and keep(near[:1]) == new
     assert keep(near, mem=(64 << 20) + 1000) == new
+    # a plan made from pings alone (a capped worker had not run a session) is not kept once every
+    # worker has reported what a step costs it; kept while none has
+    assert keep(near, held_known=False) == new and "pings alone" in me.plan_note
+    assert keep(near, known=False, held_known=False) == near
+    # what is kept says how it was made: the file round-trips, a damaged one is no plan
+    write_plan(key, near, False)
+    assert read_plan(key) == (near, False)
+    key.write_text('{"shards": [[1, 2]], "steps_known": true}')
+    assert read_plan(key) == (None, False)
     assert cm.covers_model(cfg, near, 2) and not cm.covers_model(cfg, gap, 2)
