@@ -309,9 +309,10 @@ class Model:
              tls=None):
         """Load a model; with `workers` [(host:port, weight or None)], spread it over them (and
         this process unless local=False): in proportion to explicit weights, else with equal
-        time per token on every node (plan_costs, time_balanced; workers not worth their round trips are left
-        out, in `idle`). Every node's share is checked against its memory before anything is
-        loaded; workers get theirs streamed (and, with `cache`, only what they do not hold).
+        time per token on every node (plan_costs, time_balanced; workers not worth their round
+        trips are left out, in `idle`), or as the workers' last plan (keep_held_plan). Every
+        node's share is checked against its memory before anything is loaded; workers get theirs
+        streamed, all at once (and, with `cache`, only what they do not hold).
         `slots` sequences can decode together (forward_batch), each with its own KV caches.
         `token` and `tls` (proto.security.ClientTLS): how to reach workers that require them."""
         t0 = time.perf_counter()
