@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +104,9 @@ def _model_key(folder: str, ckpt, config_json: str, fmt: str, what: str) -> Path
     return cache_root() / folder / f"{h.hexdigest()[:32]}.json"
 
 
-def manifest_key(ckpt, config_json: str, fmt: str, shard) -> Path:
-    """Where the manifest of a shard's upload is kept (by model, format and shard)."""
-    return _model_key("manifests", ckpt, config_json, fmt, str(shard))
+def manifest_key(ckpt, config_json: str, fmt: str) -> Path:
+    """Where the manifest of a model's uploads in a format is kept (see read_manifest)."""
+    return _model_key("manifests", ckpt, config_json, fmt, "slices")
 
 
 def plan_key(ckpt, config_json: str, fmt: str, local: bool, addrs: list[str]) -> Path:
@@ -130,18 +131,32 @@ def write_plan(path: Path, shards: list, steps_known: bool) -> None:
                        "steps_known": steps_known})
 
 
-def read_manifest(path: Path) -> list | None:
-    """The TensorInfos (name, dtype, shape, bytes, sha256) of an earlier upload, if any."""
+MANIFEST_ENTRIES = 20_000   # slices remembered per model and format (~200 plans' worth), oldest dropped
+_manifest_lock = threading.Lock()  # uploads to several workers at once add to one manifest
+
+
+def read_manifest(path: Path) -> dict:
+    """The TensorInfos (name, dtype, shape, bytes, sha256) of this model's slices sent before, by
+    slice (see slices.slice_key), whatever plan they were part of; {} if none."""
     try:
-        return [pb.TensorInfo(name=t["name"], dtype=t["dtype"], shape=t["shape"], nbytes=t["nbytes"],
-                              sha256=bytes.fromhex(t["sha256"])) for t in json.loads(path.read_text())]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return {k: pb.TensorInfo(name=t["name"], dtype=t["dtype"], shape=t["shape"], nbytes=t["nbytes"],
+                                 sha256=bytes.fromhex(t["sha256"]))
+                for k, t in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
-def write_manifest(path: Path, infos: list) -> None:
-    _write_json(path, [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes,
-                        "sha256": t.sha256.hex()} for t in infos])
+def add_to_manifest(path: Path, infos: dict) -> None:
+    """Merge {slice key: TensorInfo} into the manifest at path (the newest last, at most
+    MANIFEST_ENTRIES kept)."""
+    with _manifest_lock:
+        merged = read_manifest(path)
+        for k, t in infos.items():
+            merged.pop(k, None)
+            merged[k] = t
+        _write_json(path, {k: {"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
+                               "nbytes": t.nbytes, "sha256": t.sha256.hex()}
+                           for k, t in list(merged.items())[-MANIFEST_ENTRIES:]})
 
 
 def _write_json(path: Path, obj) -> None:
@@ -245,15 +260,18 @@ class RemoteNode:
 
     def upload(self, shard, loaders, config_json: str, total: int, manifest=None, bar=None) -> list:
         """Send this worker its shard: `loaders` [(name, load)] in order (see slices.shard_tensors),
-        quantized one at a time as the stream goes. With a `manifest` (the TensorInfos of an
-        earlier upload of the same model and plan) the tensors the worker still holds go as
-        hashes only, and are not even quantized here. `bar`: a Progress shared with other
-        uploads (else one of its own). Returns the manifest of this upload."""
+        quantized one at a time as the stream goes. `manifest`: per loader, the TensorInfo of
+        the same slice of the same model sent before (to any worker, in any plan) or None; those
+        the worker still holds go as hashes only, and are not even quantized here. `bar`: a
+        Progress shared with other uploads (else one of its own). Returns the TensorInfos sent."""
         have = [False] * len(loaders)
-        if manifest and len(manifest) == len(loaders):
+        known = [i for i, t in enumerate(manifest or []) if t is not None]
+        if known and len(manifest) == len(loaders):
             try:
-                have = list(self.stub.Have(pb.HaveRequest(sha256=[t.sha256 for t in manifest]),
-                                           timeout=HELLO_TIMEOUT, metadata=self.metadata).have)
+                held = self.stub.Have(pb.HaveRequest(sha256=[manifest[i].sha256 for i in known]),
+                                      timeout=HELLO_TIMEOUT, metadata=self.metadata).have
+                for i, h in zip(known, held):
+                    have[i] = h
             except grpc.RpcError:
                 pass
         header = pb.UploadHeader(config_json=config_json, head_begin=shard.heads[0],

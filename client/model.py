@@ -23,15 +23,15 @@ import numpy as np
 
 from client import kernels
 from client.checkpoint import Checkpoint
-from client.cluster import (NodeLost, RemoteNode, activations_wire, manifest_key, plan_key,
-                            read_manifest, read_plan, write_manifest, write_plan)
+from client.cluster import (NodeLost, RemoteNode, activations_wire, add_to_manifest, manifest_key,
+                            plan_key, read_manifest, read_plan, write_plan)
 from client.config import LlamaConfig
 from client.fanout import Fanout
 from client.errors import UserError
 from client.host import available_memory, cpu_quota, room_for_huge_pages
 from client.progress import Progress
 from client.slices import (Shard, SliceSet, layer_name, load_matrix, output_name,
-                           shard_nbytes, shard_tensors)
+                           shard_nbytes, shard_tensors, slice_key)
 from client.tokenizer import Tokenizer
 from proto.wire import encode
 from quant.q8_0 import QK, Q8Tensor, Q8Tiles, dequantize, untiled
@@ -471,12 +471,14 @@ class Model:
             whole = untiled(whole)
         node = remote[i - src["local"]]
         node.disconnect()  # a session from an earlier plan ends; its KV caches are freed
-        key = manifest_key(src["ckpt"], src["config_json"], fmt, sh) if src["cache"] else None
+        key = manifest_key(src["ckpt"], src["config_json"], fmt) if src["cache"] else None
         loaders = shard_tensors(src["ckpt"], cfg, sh, fmt, whole)
+        slices = [slice_key(name, sh) for name, _ in loaders]
+        sent = read_manifest(key) if key else {}
         infos = node.upload(sh, loaders, src["config_json"], shard_nbytes(cfg, sh, fmt),
-                            read_manifest(key) if key else None, bar)
+                            [sent.get(k) for k in slices], bar)
         if key:
-            write_manifest(key, infos)
+            add_to_manifest(key, dict(zip(slices, infos)))
         node.token_seconds = shard_nbytes(cfg, sh, fmt) / (node.info.speed_gb_s * 1e9 or 1e9)
         node.open(self.ctx, self.kv_dtype, src["wire"], self.slots, fmt)
         return node

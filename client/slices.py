@@ -236,6 +236,14 @@ def shard_nbytes(cfg: LlamaConfig, shard: Shard, fmt="q8_0", ctx: int = 0, kv_dt
     return weights + cfg.n_layers * kv
 
 
+def slice_key(name: str, shard: Shard) -> str:
+    """A tensor of shard_tensors named with the range it is cut by (heads for wqkv and wo, units
+    for wgu and wdown, rows for the classifier): the same key, the same bytes, in any plan."""
+    kind = name.rsplit(".", 1)[-1]
+    a, b = shard.heads if kind in ("wqkv", "wo") else shard.units if kind in ("wgu", "wdown") else shard.rows
+    return f"{name}[{a}:{b}]"
+
+
 def shard_tensors(ckpt: Checkpoint, cfg: LlamaConfig, shard: Shard, fmt="q8_0", classifier=None):
     """A shard's weights in a fixed order, each as (name, load): load() quantizes (or copies)
     it out of the mapped checkpoint, dropping the pages it read. Lazy, so that an upload can

@@ -137,3 +137,26 @@ def test_idle_shards_leave_memory_but_not_the_disk_cache(tmp_path):
     finally:
         logs = w.stop()
     assert logs[0].count("dropped from memory (idle)") >= 1
+
+
+def test_the_manifest_is_per_slice_merged_and_bounded(tmp_path, monkeypatch):
+    """What the client remembers having sent is keyed by slice (tensor and range), whatever the
+    plan: uploads add to it, the newest last, the oldest dropped past MANIFEST_ENTRIES."""
+    from client import cluster
+    from client.slices import Shard, slice_key
+    monkeypatch.setattr(cluster, "MANIFEST_ENTRIES", 3)
+    info = lambda i: pb.TensorInfo(name=f"t{i}", dtype="q8_0", shape=[1, 32], nbytes=34,  # noqa: E731
+                                   sha256=bytes([i]) * 32)
+    path = tmp_path / "manifest.json"
+    cluster.add_to_manifest(path, {"a": info(1), "b": info(2)})
+    cluster.add_to_manifest(path, {"c": info(3), "a": info(4)})   # a sent again: now the newest
+    cluster.add_to_manifest(path, {"d": info(5)})                 # b, the oldest, goes
+    m = cluster.read_manifest(path)
+    assert list(m) == ["c", "a", "d"] and m["a"].sha256 == bytes([4]) * 32 and m["d"].name == "t5"
+    path.write_text("[1, 2]")
+    assert cluster.read_manifest(path) == {}
+    sh = Shard((0, 4), (64, 128), (10, 20))
+    assert [slice_key(n, sh) for n in ("layers.3.wqkv", "layers.3.wo", "layers.0.wgu", "layers.0.wdown",
+                                       "classifier")] == [
+        "layers.3.wqkv[0:4]", "layers.3.wo[0:4]", "layers.0.wgu[64:128]", "layers.0.wdown[64:128]",
+        "classifier[10:20]"]

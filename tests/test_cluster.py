@@ -96,6 +96,7 @@ def test_a_reload_keeps_the_plan_the_workers_hold(workers, tiny2, monkeypatch):
     import client.model as cm
     from client.cluster import plan_key, read_plan, write_plan
     from client.slices import Shard
+    from quant.q8_0 import nbytes as q8_nbytes
     monkeypatch.setattr(cm, "KEEP_PLAN", 100.0)  # loopback workers beside other tests measure noisily
     ws = [(a, None) for a in workers.addrs[:2]]
     first = Model.load(tiny2, ctx=64, workers=ws, local=False, wire="f64")
@@ -110,6 +111,10 @@ def test_a_reload_keeps_the_plan_the_workers_hold(workers, tiny2, monkeypatch):
     write_plan(key, moved, True)
     again = Model.load(tiny2, ctx=64, workers=ws, local=False, wire="f64")
     assert [r.shard for r in again.remote] == moved and "kept" in again.plan_note
+    # the manifest is per slice: of the moved plan, only the classifier rows are new to the workers
+    for r in again.remote:
+        rows = r.shard.rows[1] - r.shard.rows[0]
+        assert 0 < r.uploaded_bytes <= q8_nbytes(rows, again.cfg.dim), (r.addr, r.uploaded_bytes)
     third = Model.load(tiny2, ctx=64, workers=ws, local=False, wire="f64")
     assert [r.shard for r in third.remote] == moved and all(r.uploaded_bytes == 0 for r in third.remote)
     ids = list(range(1, 12))

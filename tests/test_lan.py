@@ -134,8 +134,9 @@ def test_speed_probe_under_a_cpu_cap():
                 p.wait(timeout=60)
     capped = [max(r) for r in runs]
     whole = subprocess.run([sys.executable, "-c", probe.replace("default_threads())", "1)")],
-                           input="go\n", capture_output=True, text=True, env=env, timeout=120)
-    uncapped = float(whole.stdout.split()[1])
+                           input="go\n" * 3, capture_output=True, text=True, env=env, timeout=120)
+    uncapped = max(map(float, whole.stdout.split()[1:]))  # its best of 3 too, as the hosts'
+    # (one probe alone once measured 15.6 GB/s against the hosts' 5.2 and 5.7: a ratio of 0.36)
     print(f"speed probe: two 0.25-core hosts {runs[0]} and {runs[1]} GB/s; one thread uncapped {uncapped:.2f}")
     assert 0.8 < capped[0] / capped[1] < 1 / 0.8, runs
     assert all(0.15 < c / uncapped < 0.35 for c in capped), (capped, uncapped)
