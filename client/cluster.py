@@ -266,7 +266,7 @@ class RemoteNode:
         Progress shared with other uploads (else one of its own). Returns the TensorInfos sent."""
         have = [False] * len(loaders)
         known = [i for i, t in enumerate(manifest or []) if t is not None]
-        if known and len(manifest) == len(loaders):
+        if known:
             try:
                 held = self.stub.Have(pb.HaveRequest(sha256=[manifest[i].sha256 for i in known]),
                                       timeout=HELLO_TIMEOUT, metadata=self.metadata).have

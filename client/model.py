@@ -171,7 +171,7 @@ def plan_costs(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: str)
     CPU to send it each step and read the reply, which no split hides."""
     speeds = node_weights(remote, local)
     steps = 2 * cfg.n_layers + 1
-    gb = shard_nbytes(cfg, Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size)), fmt) / 1e9
+    gb = shard_nbytes(cfg, Shard.whole(cfg), fmt) / 1e9
     x = np.zeros((1, cfg.dim), np.float32)
     reply = len(encode(x, wire))  # a ping echoes its bytes: the larger of a step's two ways
     costs = [r.step_cost(max(reply, len(encode(x, activations_wire(wire, fmt, r.info)))))
@@ -191,7 +191,7 @@ def plan_costs(cfg: LlamaConfig, fmt: str, remote: list, local: bool, wire: str)
 
 def shard_shares(cfg: LlamaConfig, shards: list[Shard], fmt: str) -> list[float]:
     """Each shard's part of the model's matmul bytes: a plan's shares."""
-    whole = shard_nbytes(cfg, Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size)), fmt)
+    whole = shard_nbytes(cfg, Shard.whole(cfg), fmt)
     return [shard_nbytes(cfg, sh, fmt) / whole for sh in shards]
 
 
@@ -254,7 +254,7 @@ def plan_in_memory(model_dir, cfg: LlamaConfig, weights: list[float], remote: li
                    fmt: str, kv_dtype: str, ctx: int, slots: int = 1) -> list[Shard]:
     """plan_shards, with no node given more than fits its memory (what does not fit goes to the
     others, by weight); if the model cannot fit at all, a UserError before anything is loaded."""
-    whole = Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size))
+    whole = Shard.whole(cfg)
     total = shard_nbytes(cfg, whole, fmt, ctx, kv_dtype, slots)
     room, extra = memory_room(cfg, remote, local, fmt)
     names = (["this host"] if local else []) + [f"worker {r.addr}" for r in remote]
@@ -404,7 +404,7 @@ class Model:
         memory: a new plan moves most of each worker's slices (on four 0.25-core hosts of the
         emulated LAN, 240-320 MB each), and on alike hosts it differs from the held one only by
         the noise of their measured speeds: 4.2-5.9 GB/s between runs there, 7.8-11.5 on two
-        0.5-core hosts, where a 10% margin still re-planned (and re-uploaded) every other run. A
+        0.5-core hosts, where with a 10% margin the second of three loads re-planned. A
         fresh plan is no better than the noise it was made from, so keeping one loses nothing on
         average; a host that really changed moves the prediction by more than that.
 

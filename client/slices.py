@@ -38,6 +38,11 @@ class Shard:
     units: tuple[int, int]
     rows: tuple[int, int]
 
+    @staticmethod
+    def whole(cfg) -> "Shard":
+        """Every head, unit and classifier row: the model on one node."""
+        return Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size))
+
 
 def rows_of(segs) -> tuple[np.ndarray, np.ndarray]:
     """Segments [(slot, p0, n)]: n consecutive tokens of the sequence in KV slot `slot`, from

@@ -59,7 +59,7 @@ class Material:
     def __init__(self, sid: str):
         cfg = Model.load(STORIES).cfg
         self.cfg, self.sid = cfg, sid
-        shard = Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size))
+        shard = Shard.whole(cfg)
         self.config = json.loads((STORIES / "config.json").read_text())
         self.header = pb.UploadHeader(config_json=json.dumps(self.config), head_end=cfg.n_heads,
                                       unit_end=cfg.ffn_dim, row_end=cfg.vocab_size,

@@ -288,7 +288,7 @@ def test_session_expiry_frees_the_kv_caches(limited, want):
 def test_a_stalled_upload_expires_and_gives_back_its_memory(limited):
     room = _hello(limited).memory_bytes
     cfg = Model.load(STORIES).cfg
-    whole = Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size))
+    whole = Shard.whole(cfg)
     total = shard_nbytes(cfg, whole)
     info, parts = pack_tensor("layers.0.wqkv", shard_tensors(Checkpoint(STORIES), cfg, whole)[0][1]())
     stalled = threading.Event()
@@ -350,7 +350,7 @@ def test_ctx_and_memory_limits(limited):
     # an upload announcing more than the worker may hold is refused before any tensor arrives,
     # with the sizes and the fix
     cfg = Model.load(STORIES).cfg
-    whole = Shard((0, cfg.n_heads), (0, cfg.ffn_dim), (0, cfg.vocab_size))
+    whole = Shard.whole(cfg)
     node = RemoteNode(limited.addrs[0], token=TOKEN)
     node.hello()
     assert node.info.memory_bytes <= 100_000_000       # what it offers the client's plan

@@ -378,7 +378,8 @@ class Worker(rpc.WorkerServicer):
         """Once a session has run 100 steps since it opened, the start of the window over which
         note_step_cpu counts (the steps before carry the session's start-up: counted from the
         OPEN, eight alike 0.125-core hosts reported 41-149 ms of quota a token)."""
-        if "opened" in state and "step_cpu_from" not in state and state.get("steps", 0) - state["opened"] >= 100:
+        if ("opened" in state and "step_cpu_from" not in state
+                and state.get("steps", 0) - state["opened"] >= 100):
             state["step_cpu_from"] = (time.process_time(), state["steps"], state.get("compute_cpu_us", 0))
 
     def note_step_cpu(self, state: dict) -> None:
@@ -386,9 +387,9 @@ class Worker(rpc.WorkerServicer):
         that ended: the process's CPU over 100+ steps (from mark_step_cpu's window on), less the
         part its steps' kernels took (the serving thread's, times the kernel threads), for
         HelloReply.step_cpu_us. The process's, as the CPU quota charges it (the step thread's
-        alone gave about the same figures on the emulated LAN). A plan weighs it for a host under a CPU quota, whose steps' fixed CPU (system
-        calls, wake-ups, the classifier's step in Python) eats the quota whatever its share
-        (client.model.time_balanced). Not while it polls between steps (uncapped: that CPU is
+        alone gave about the same figures on the emulated LAN). A plan weighs it for a host under
+        a CPU quota, whose steps' fixed CPU (system calls, wake-ups, the classifier's step in
+        Python) eats the quota whatever its share (client.model.time_balanced). Not while it polls between steps (uncapped: that CPU is
         spent waiting)."""
         if "step_cpu_from" not in state or self.spin:
             return
