@@ -200,12 +200,12 @@ def attention_block(XQ, XC, XS, wqkv_q, wqkv_d, nqkv, wo_q, wo_d, D, pos, slot, 
     # qkv = X Wqkv^T [T, nqkv]; o = attention(...) [T, nq d]; partial = o Wo^T [T, D] float64
     T = XQ.shape[0]
     qkv = np.empty((T, nqkv), np.float32)
-    _matmul_tiles(wqkv_q, wqkv_d, nqkv, XQ, XC, XS, qkv, np.float32(0.0), 8)
+    _matmul_tiles(wqkv_q, wqkv_d, nqkv, XQ, XC, XS, qkv, np.float32(0.0))
     o = attention(qkv, pos, slot, cos, sin, kc, vc, kv_of_q, nq)
     d = vc.shape[3]
     OQ, OC, OS = _q8_activations(_pad_blocks(o, d, wo_d.shape[1] * QK // nq))
     out = np.empty((T, D), np.float64)
-    _matmul_tiles(wo_q, wo_d, D, OQ, OC, OS, out, np.float64(0.0), 4)
+    _matmul_tiles(wo_q, wo_d, D, OQ, OC, OS, out, np.float64(0.0))
     return out
 
 
@@ -214,11 +214,11 @@ def ffn_block(XQ, XC, XS, wgu_q, wgu_d, nu, wdown_q, wdown_d, D):
     # h = silu(X Wgate^T) * (X Wup^T) [T, nu]; partial = h Wdown^T [T, D] float64
     T = XQ.shape[0]
     gu = np.empty((T, 2 * nu), np.float32)
-    _matmul_tiles(wgu_q, wgu_d, 2 * nu, XQ, XC, XS, gu, np.float32(0.0), 8)
+    _matmul_tiles(wgu_q, wgu_d, 2 * nu, XQ, XC, XS, gu, np.float32(0.0))
     h = swiglu(gu, nu)
     HQ, HC, HS = _q8_activations(_pad_blocks(h, nu, wdown_d.shape[1] * QK))
     out = np.empty((T, D), np.float64)
-    _matmul_tiles(wdown_q, wdown_d, D, HQ, HC, HS, out, np.float64(0.0), 4)
+    _matmul_tiles(wdown_q, wdown_d, D, HQ, HC, HS, out, np.float64(0.0))
     return out
 
 

@@ -562,7 +562,7 @@ def _tile16(n):
             fma = fn(f"llvm.fma.v16f{'64' if wide else '32'}", vt, vt, vt, vt)
             i8p = ir.IntType(8).as_pointer()
             prefetch = fn("llvm.prefetch.p0i8", ir.VoidType(), i8p, _i32, _i32, _i32)
-            hint = [ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)]  # read, keep, data
+            hint = [ir.Constant(_i32, 0), ir.Constant(_i32, 2), ir.Constant(_i32, 1)]  # read, L2, data
             zero_f = ir.Constant(vt, [ir.Constant(ft, 0.0)] * 16)
 
             def addr(a, row):  # byte address of a row of an array (first axis)
@@ -590,7 +590,10 @@ def _tile16(n):
             b.add_incoming(c64(0), pre)
             accs = [builder.phi(vt) for _ in range(n)]
             # the block's 8 vectors, and a prefetch of the lines 4 KB on (past a group's end:
-            # the next group's, harmless past the array's): ~15% faster on one core
+            # the next group's, harmless past the array's): ~15% faster on one core. Into L2
+            # (prefetcht1), not L1: with 8 tokens, lines prefetched into L1 made TinyLlama's
+            # gate+up 1.3-1.8x slower than one token (the tokens' activations evicted, or L1's
+            # miss buffers full); into L2, 8 tokens cost what 1 does (bench/kernels.py)
             vec = lambda k: builder.gep(qp, [builder.add(builder.mul(b, c64(8)), c64(k))])  # noqa: E731
             for k in range(8):
                 builder.call(prefetch, [builder.bitcast(vec(k + _AHEAD), i8p), *hint])
@@ -636,14 +639,15 @@ _tile1, _tile2, _tile4, _tile8 = (_tile16(n) for n in (1, 2, 4, 8))
 
 
 @njit(inline="always")
-def _group_into(tq, td, XQ, XC, XS, dst, g, zero, most):
-    # the 16 rows of group g for every token t into dst[t, 0:16]; tokens in passes of `most` (8;
-    # 4 in float64, whose accumulators take twice the registers), then 4, 2, 1
+def _group_into(tq, td, XQ, XC, XS, dst, g, zero):
+    # the 16 rows of group g for every token t into dst[t, 0:16]; tokens in passes of 8, then 4,
+    # 2, 1 (in float64 too: 8 accumulators of 16 doubles spill a little, and still beat two
+    # passes of 4 over the weights by ~8% at 8 tokens)
     T = XQ.shape[0]
     t = 0
     while t < T:
         left = T - t
-        if left >= 8 and most == 8:
+        if left >= 8:
             _tile8(tq, td, XQ, XC, XS, dst[t:], g, t, zero)
             t += 8
         elif left >= 4:
@@ -658,7 +662,7 @@ def _group_into(tq, td, XQ, XC, XS, dst, g, zero, most):
 
 
 @njit(parallel=True, **_JIT)
-def _matmul_tiles(tq, td, rows, XQ, XC, XS, out, zero, most):
+def _matmul_tiles(tq, td, rows, XQ, XC, XS, out, zero):
     # tq, td: a Q8Tiles of `rows` rows; XQ [T, C] int8 activations with block scales XS [T, C/32]
     # and XC = -128 * block sums (see _tile16) -> out [T, rows], in the type of `zero`. One task
     # per group of 16 rows, whose sums go straight into out (a buffer and a copy per group cost
@@ -667,10 +671,10 @@ def _matmul_tiles(tq, td, rows, XQ, XC, XS, out, zero, most):
     for g in prange(tq.shape[0]):
         r0 = g * _GROUP
         if rows - r0 >= _GROUP:
-            _group_into(tq, td, XQ, XC, XS, out[:, r0:], g, zero, most)
+            _group_into(tq, td, XQ, XC, XS, out[:, r0:], g, zero)
         else:
             buf = np.empty((T, _GROUP), out.dtype)
-            _group_into(tq, td, XQ, XC, XS, buf, g, zero, most)
+            _group_into(tq, td, XQ, XC, XS, buf, g, zero)
             out[:, r0:] = buf[:, :rows - r0]
 
 
@@ -772,7 +776,7 @@ def _vnni_products(w: Q8Tiles, X, out: np.ndarray, zero) -> None:
     activations; each row of out is the same whatever T and whatever the other rows (see
     _tile16), and the same whether X came quantized or as the floats it was quantized from."""
     XQ, XC, XS = vnni_activations(X)
-    _matmul_tiles(w.q, w.d, w.rows, XQ, XC, XS, out, zero, 4 if out.dtype == np.float64 else 8)
+    _matmul_tiles(w.q, w.d, w.rows, XQ, XC, XS, out, zero)
 
 
 def runnable(w, arena: Arena | None = None):
