@@ -10,10 +10,10 @@ Configurations: hosts capped at 0.25 core for N = 1, 2, 4 (0.25x1 ...); at 0.125
 2, 4, 8; one 0.5-core host with three 0.125-core ones, split by the client's default plan (mixed-
 balanced: equal time per token from each worker's speed and step cost, see client/model.py
 plan_costs and time_balanced; it may leave slow workers out) or equally (mixed-equal, `*1`
-weights). Each prints generation tok/s, the speedup over N = 1 at the same cap, ms per token split into compute
-(the slowest worker's compute per block, summed), wire (that block's slowest round trip beyond it)
-and client/wait (the rest), bytes per token on the wire, the workers' peak memory and the relay's
-own overhead (round trip through it at zero delay minus direct). Writes bench/out/scaling.csv and
+weights). Each prints generation tok/s, the speedup over N = 1 at the same cap, ms per token
+split into compute (the slowest worker's compute per block, summed), wire (that block's slowest
+round trip beyond it) and client/wait (the rest), bytes per token on the wire, the workers' peak
+memory and the relay's own overhead (round trip through it at zero delay minus direct). Writes bench/out/scaling.csv and
 bench/out/scaling.png (speedup against N per cap, ideal dashed; needs the `bench` extra).
 
 The configurations compared with one another run together, in rounds (run_group): one cap's

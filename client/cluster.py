@@ -280,7 +280,11 @@ class RemoteNode:
                                  total_bytes=total)
         own = bar is None
         bar = Progress(total, f"upload {self.addr}", " MB", 1e6) if own else bar
-        infos = []
+        infos, moved = [], [0]  # moved: what this attempt put on the bar
+
+        def advance(n):
+            moved[0] += n
+            bar.add(n)
 
         def chunks():
             yield pb.UploadChunk(header=header)
@@ -291,7 +295,7 @@ class RemoteNode:
                     info.cached = True
                     infos.append(manifest[i])
                     yield pb.UploadChunk(tensor=info)
-                    bar.add(info.nbytes)
+                    advance(info.nbytes)
                     continue
                 info, parts = pack_tensor(name, load())
                 infos.append(info)
@@ -299,7 +303,7 @@ class RemoteNode:
                 for p in parts:
                     for k in range(0, len(p), CHUNK):
                         yield pb.UploadChunk(data=bytes(p[k:k + CHUNK]))
-                        bar.add(min(CHUNK, len(p) - k))
+                        advance(min(CHUNK, len(p) - k))
 
         try:
             reply = self.stub.Upload(chunks(), timeout=30 + total / UPLOAD_RATE, metadata=self.metadata)
@@ -307,6 +311,8 @@ class RemoteNode:
             if own:
                 bar.close()
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and any(have):  # evicted meanwhile
+                if not own:
+                    bar.add(-moved[0])  # a shared bar: the retry counts its bytes again
                 return self.upload(shard, loaders, config_json, total, bar=None if own else bar)
             if e.code() in LOST:
                 raise NodeLost(self, f"upload: {e.code().name}")

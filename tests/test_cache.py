@@ -160,3 +160,42 @@ def test_the_manifest_is_per_slice_merged_and_bounded(tmp_path, monkeypatch):
                                        "classifier")] == [
         "layers.3.wqkv[0:4]", "layers.3.wo[0:4]", "layers.0.wgu[64:128]", "layers.0.wdown[64:128]",
         "classifier[10:20]"]
+
+
+def test_an_upload_retried_after_an_eviction_counts_its_bytes_once_on_a_shared_bar():
+    """A worker that evicted a slice between Have and Upload answers FAILED_PRECONDITION, and the
+    client sends everything again: on the bar several uploads share, that retry's bytes replace
+    the failed attempt's instead of adding to them."""
+    from client.cluster import RemoteNode
+    from client.progress import Progress
+    from client.slices import Shard
+
+    class Evicted(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.FAILED_PRECONDITION
+
+        def details(self):
+            return "not cached"
+
+    class Stub:  # Have: "held"; the second Upload (hashes) finds it evicted after every chunk
+        uploads = 0
+
+        def Have(self, req, timeout, metadata):
+            return pb.HaveReply(have=[True] * len(req.sha256))
+
+        def Upload(self, chunks, timeout, metadata):
+            Stub.uploads += 1
+            list(chunks)
+            if Stub.uploads == 2:
+                raise Evicted()
+            return pb.UploadReply(slice_set_id="s", bytes_received=1)
+
+    loaders = [(f"t{i}", lambda i=i: np.full((4, 32), i + 1, np.float32)) for i in range(3)]
+    node = RemoteNode("127.0.0.1:1")
+    node.stub = Stub()
+    first = node.upload(Shard((0, 1), (0, 64), (0, 4)), loaders, "{}", 1, None)
+    total = sum(t.nbytes for t in first)
+    bar = Progress(total, "test")
+    infos = node.upload(Shard((0, 1), (0, 64), (0, 4)), loaders, "{}", total, first, bar)
+    assert Stub.uploads == 3 and [t.sha256 for t in infos] == [t.sha256 for t in first]
+    assert bar.done == total

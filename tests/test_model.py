@@ -474,7 +474,8 @@ def test_a_held_plan_is_kept_while_predicted_within_keep_plan_of_a_new_one(tmp_p
     assert keep(None) == new and keep(new) == new
     # a held plan that does not cover the model (another model's, a file edited by hand), or one
     # node's share no longer fits its memory: the new plan
-    gap = [Shard(near[0].heads, near[0].units, (0, 10)), Shard(near[1].heads, near[1].units, (11, cfg.vocab_size))]
+    gap = [Shard(near[0].heads, near[0].units, (0, 10)),
+           Shard(near[1].heads, near[1].units, (11, cfg.vocab_size))]
     assert keep(gap) == new and keep(near[:1]) == new
     assert keep(near, mem=(64 << 20) + 1000) == new
     # a plan made from pings alone (a capped worker had not run a session) is not kept once every

@@ -389,8 +389,8 @@ class Worker(rpc.WorkerServicer):
         HelloReply.step_cpu_us. The process's, as the CPU quota charges it (the step thread's
         alone gave about the same figures on the emulated LAN). A plan weighs it for a host under
         a CPU quota, whose steps' fixed CPU (system calls, wake-ups, the classifier's step in
-        Python) eats the quota whatever its share (client.model.time_balanced). Not while it polls between steps (uncapped: that CPU is
-        spent waiting)."""
+        Python) eats the quota whatever its share (client.model.time_balanced). Not while it
+        polls between steps (uncapped: that CPU is spent waiting)."""
         if "step_cpu_from" not in state or self.spin:
             return
         cpu0, steps0, kernels0 = state["step_cpu_from"]
